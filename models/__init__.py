@@ -1,0 +1,33 @@
+"""Architectures as data: one small file per family, registered by HF ``model_type``.
+
+Adding a family whose features already exist as ops is one file plus one line here.
+"""
+
+from collections.abc import Mapping
+
+from graphattn.models import gpt2, llama
+from graphattn.spec import Architecture
+
+REGISTRY: dict[str, Architecture] = {
+    "gpt2": gpt2.ARCHITECTURE,
+    "llama": llama.ARCHITECTURE,
+    "mistral": llama.ARCHITECTURE,  # Llama graph plus sliding_window
+    "qwen2": llama.ARCHITECTURE,  # Llama graph plus q/k/v biases
+}
+
+
+def architecture_for(config: Mapping[str, object]) -> Architecture:
+    """The registered architecture for an HF ``config.json``; ValueError naming what is unknown."""
+    model_type = config.get("model_type")
+    if model_type not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise ValueError(f"config.json model_type {model_type!r} is not supported (known: {known})")
+    architecture = REGISTRY[str(model_type)]
+    declared = config.get("architectures") or []
+    unknown = [a for a in declared if a not in architecture.hf_architectures]
+    if unknown:
+        raise ValueError(
+            f"config.json architectures {unknown} are not supported for model_type {model_type!r}"
+            f" (supported: {', '.join(architecture.hf_architectures)})"
+        )
+    return architecture

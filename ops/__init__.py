@@ -12,6 +12,7 @@ from graphattn.ops.attention import (
 )
 from graphattn.ops.domain import DEFAULT_OPSET, DOMAIN, DOMAIN_VERSION, registered_functions
 from graphattn.ops.emit import GraphEmitter
+from graphattn.ops.heads import lm_head, merge_heads, split_heads
 from graphattn.ops.masks import attention_bias, position_bias, position_ids_from_mask
 from graphattn.ops.mlp import gelu_mlp, swiglu_mlp
 from graphattn.ops.norms import layer_norm, qk_norm, rms_norm
@@ -28,6 +29,8 @@ __all__ = [
     "grouped_query_attention",
     "inverse_frequencies",
     "layer_norm",
+    "lm_head",
+    "merge_heads",
     "multi_head_attention",
     "multi_query_attention",
     "position_bias",
@@ -37,5 +40,6 @@ __all__ = [
     "rms_norm",
     "rotary_cos_sin",
     "scaled_dot_product_attention",
+    "split_heads",
     "swiglu_mlp",
 ]

@@ -1,0 +1,89 @@
+"""Open a Hugging Face checkpoint directory: ``config.json`` plus ``model.safetensors`` or a
+sharded ``model.safetensors.index.json``. Pickle checkpoints (``.bin``, ``.pt``, ``.pth``,
+``.ckpt``) are refused and never unpickled."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphattn.exporters.safetensors_reader import CheckpointError, TensorEntry, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    """An HF directory: its parsed ``config.json`` and every tensor entry, by name."""
+
+    directory: Path
+    config: dict
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data on disk."""
+        return sum(entry.nbytes for entry in self.tensors.values())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    """Parse config and safetensors headers (no tensor data is read)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected an HF checkpoint folder)")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    config = _read_json(config_path)
+    index_path = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index_path.is_file():
+        tensors = _read_sharded(directory, index_path)
+    elif single.is_file():
+        tensors = read_header(single)
+    else:
+        shards = sorted(directory.glob("*.safetensors"))
+        if shards:
+            tensors = {}
+            for shard in shards:
+                tensors.update(read_header(shard))
+        else:
+            pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{directory / pickles[0]}: pickle checkpoints are refused (never unpickled);"
+                    " convert it to safetensors first"
+                )
+            raise CheckpointError(f"{directory}: no model.safetensors or index found")
+    return Checkpoint(directory, config, tensors)
+
+
+def _read_sharded(directory: Path, index_path: Path) -> dict[str, TensorEntry]:
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no weight_map object")
+    headers: dict[str, dict[str, TensorEntry]] = {}
+    tensors = {}
+    for name, shard in sorted(weight_map.items()):
+        if shard not in headers:
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index_path}: shard {shard!r} for {name!r} is missing")
+            headers[shard] = read_header(shard_path)
+        if name not in headers[shard]:
+            raise CheckpointError(
+                f"{directory / shard}: tensor {name!r} listed in the index is absent"
+            )
+        tensors[name] = headers[shard][name]
+    return tensors

@@ -1,0 +1,185 @@
+"""The export pipeline: HF checkpoint directory → ``model.onnx`` + ``model.onnx.data`` +
+``genai_config.json`` + tokenizer files.
+
+Never imports torch. Every expected tensor is checked (present, shape as the config implies)
+and unexpected tensors are reported before any data is read; weights are then read one at a
+time through a memory map while they are written, so peak memory stays near one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphattn.builder import build_decoder
+from graphattn.exporters.checkpoint import Checkpoint, open_checkpoint
+from graphattn.exporters.genai_config import genai_config
+from graphattn.exporters.output_dir import staged_directory
+from graphattn.exporters.safetensors_reader import CheckpointError, load_float32
+from graphattn.models import architecture_for
+from graphattn.spec import Architecture, ModelConfig, WeightSource
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+DTYPES = {"fp32": (ir.DataType.FLOAT, np.float32), "fp16": (ir.DataType.FLOAT16, np.float16)}
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote, and a few facts for the summary line."""
+
+    out_dir: Path
+    model: Path
+    data: Path
+    genai_config: Path
+    tokenizer_files: list[Path] = field(default_factory=list)
+    config: ModelConfig | None = None
+    parameters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file written."""
+        return [self.model, self.data, self.genai_config, *self.tokenizer_files]
+
+
+def plan_weights(checkpoint: Checkpoint, architecture: Architecture, cfg: ModelConfig):
+    """{role: WeightSource}, after checking every tensor against the checkpoint headers."""
+    plan = architecture.weights(cfg)
+    used = set()
+    for source in plan.values():
+        entry = checkpoint.tensors.get(source.source)
+        if entry is None:
+            raise CheckpointError(f"{checkpoint.directory}: missing tensor {source.source!r}")
+        if entry.shape != source.shape:
+            raise CheckpointError(
+                f"{entry.path}: tensor {source.source!r} has shape {list(entry.shape)},"
+                f" config implies {list(source.shape)}"
+            )
+        used.add(source.source)
+    ignorable = tuple(architecture.ignored)
+    unexpected = sorted(
+        name
+        for name in checkpoint.tensors
+        if name not in used
+        and not name.endswith(ignorable)
+        and not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    )
+    if unexpected:
+        shown = ", ".join(repr(n) for n in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{checkpoint.directory}: unexpected tensors {shown}{more}")
+    return plan
+
+
+def lazy_tensors(checkpoint: Checkpoint, plan: dict[str, WeightSource], dtype: str):
+    """{role: ir.LazyTensor} reading and fixing each weight only when it is written."""
+    ir_dtype, np_dtype = DTYPES[dtype]
+    tensors = {}
+    by_name: dict[str, ir.LazyTensor] = {}
+    for role, source in plan.items():
+        if source.name not in by_name:
+            entry = checkpoint.tensors[source.source]
+
+            def load(entry=entry, source=source) -> ir.Tensor:
+                array = load_float32(entry)
+                if source.transform is not None:
+                    array = source.transform(array)
+                return ir.tensor(np.ascontiguousarray(array, dtype=np_dtype), name=source.name)
+
+            by_name[source.name] = ir.LazyTensor(
+                load, dtype=ir_dtype, shape=ir.Shape(source.graph_shape), name=source.name
+            )
+        tensors[role] = by_name[source.name]
+    return tensors
+
+
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export an HF checkpoint directory to ``out_dir``; returns the written paths.
+
+    ``dtype``: ``fp32`` or ``fp16`` (weights, KV cache and logits). ``progress(done, total,
+    tensor_name)`` is called as each tensor is written.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    started = time.perf_counter()
+    source = open_checkpoint(checkpoint)
+    architecture = architecture_for(source.config)
+    cfg = architecture.config_from_hf(source.config)
+    plan = plan_weights(source, architecture, cfg)
+    model = build_decoder(cfg, lazy_tensors(source, plan, dtype), dtype=DTYPES[dtype][0])
+    model.metadata_props["graphattn.dtype"] = dtype
+    parameters = sum(
+        int(np.prod(v.graph_shape)) for v in {s.name: s for s in plan.values()}.values()
+    )
+
+    def callback(tensor: ir.TensorProtocol, info) -> None:
+        if progress is not None:
+            progress(info.index + 1, info.total, tensor.name or "")
+
+    with staged_directory(out_dir) as staging:
+        ir.save(
+            model,
+            staging / MODEL_FILE,
+            external_data=DATA_FILE,
+            size_threshold_bytes=0,
+            max_workers=1,
+            max_in_flight_bytes=64 * 1024 * 1024,
+            callback=callback,
+        )
+        config = genai_config(cfg, architecture.genai_type or cfg.model_type)
+        (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (source.directory / name).is_file():
+                shutil.copyfile(source.directory / name, staging / name)
+                copied.append(name)
+    out = Path(out_dir).absolute()
+    return ExportResult(
+        out_dir=out,
+        model=out / MODEL_FILE,
+        data=out / DATA_FILE,
+        genai_config=out / "genai_config.json",
+        tokenizer_files=[out / name for name in copied],
+        config=cfg,
+        parameters=parameters,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def stderr_progress(done: int, total: int, name: str) -> None:
+    """A one-line progress bar over tensors on stderr."""
+    width = 30
+    filled = width * done // max(total, 1)
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {done}/{total} tensors {name[:40]:<40}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

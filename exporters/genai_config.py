@@ -1,0 +1,60 @@
+"""``genai_config.json`` in ONNX Runtime GenAI's format, so its apps load our exports."""
+
+from __future__ import annotations
+
+from graphattn.spec import ModelConfig
+
+
+def genai_config(cfg: ModelConfig, genai_type: str, filename: str = "model.onnx") -> dict:
+    """The config dict for one decoder export (greedy search defaults, context-length max)."""
+    eos = cfg.eos_token_id
+    pad = cfg.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id,
+            "context_length": cfg.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": genai_type,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diverse_beam_search": False,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": cfg.context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

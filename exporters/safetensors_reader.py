@@ -1,0 +1,112 @@
+"""Read safetensors checkpoints lazily, without torch: parse the header, memory-map one tensor
+at a time, convert F16/BF16 to float32 in NumPy.
+
+Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}``, then the data. Every header entry is
+checked against the file size before anything is read, so a corrupt file fails with its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_NUMPY_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # widened to float32 by shifting into the high half
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, corrupt or does not match the config."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype (safetensors name), shape, absolute byte offset."""
+
+    path: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The tensors of one ``.safetensors`` file, validated against the file size."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: corrupt safetensors header (file shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (declares {header_len} header bytes,"
+                f" file has {size})"
+            )
+        try:
+            header = json.loads(file.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _entry(path, name, info, data_start, size)
+    return entries
+
+
+def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+    if dtype not in _NUMPY_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if end - begin != expected or begin < 0 or data_start + end > size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} data [{begin}, {end}) does not fit its shape {list(shape)}"
+            f" {dtype} or the file ({size} bytes)"
+        )
+    return TensorEntry(path, name, dtype, shape, data_start + begin, end - begin)
+
+
+def load_float32(entry: TensorEntry) -> np.ndarray:
+    """The tensor as a float32 array, read through a memory map that is released afterwards."""
+    if entry.nbytes == 0:
+        return np.zeros(entry.shape, dtype=np.float32)
+    raw = np.memmap(
+        entry.path,
+        dtype=_NUMPY_DTYPES[entry.dtype],
+        mode="r",
+        offset=entry.offset,
+        shape=entry.shape,
+    )
+    try:
+        if entry.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.array(raw, dtype=np.float32)
+    finally:
+        del raw
