@@ -22,7 +22,7 @@ def MergeHeads(x_BHSD):
 
 @graphattn_function
 def LMHead(hidden_BSC, weight_VC):
-    """logits [B, S, V] = hidden [B, S, C] · weightᵀ, weight stored [V, C] (shared with embeddings)."""
+    """logits [B, S, V] = hidden [B, S, C] · weightᵀ; weight [V, C] (may be the embeddings)."""
     flat_NC = op.Reshape(
         hidden_BSC, op.Concat([-1], op.Slice(op.Shape(hidden_BSC), [2], [3]), axis=0)
     )

@@ -185,7 +185,7 @@ def stored_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, np.n
 def write_checkpoint(
     directory: Path, config: dict, *, seed: int = 0, dtype: str = "F32", shards: int = 1
 ) -> dict[str, np.ndarray]:
-    """Write config.json + safetensors (sharded with an index when shards > 1); returns the weights."""
+    """Write config.json + safetensors (an index when shards > 1); returns the stored weights."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     weights = random_weights(config, seed)

@@ -7,7 +7,6 @@ builder. ``forward`` returns logits [B, S, V] and presents [(key, value) [B, Hkv
 import math
 
 import numpy as np
-
 import numpy_reference as ref
 
 
@@ -36,7 +35,6 @@ def _attend(q, k_all, v_all, keep):
 
 
 def gpt2_forward(w, config, input_ids, attention_mask, position_ids, past):
-    c = config["n_embd"]
     heads = config["n_head"]
     eps = config.get("layer_norm_epsilon", 1e-5)
     hidden = w["transformer.wte.weight"][input_ids] + w["transformer.wpe.weight"][position_ids]

@@ -7,15 +7,15 @@ equals one pass over N+K; a left-padded batch equals each row alone).
 
 import json
 
+import checkpoints
 import numpy as np
+import numpy_forward
 import onnx
 import pytest
-
-import checkpoints
-import numpy_forward
 from decoder_runner import Decoder, positions_for
-from graphattn import export
 from harness import assert_close
+
+from graphattn import export
 
 ATOL = 1e-4
 
