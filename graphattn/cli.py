@@ -56,6 +56,55 @@ def _list_ops(_: argparse.Namespace) -> int:
     return 0
 
 
+@subcommand
+def _export_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export a checkpoint (HF directory) to model.onnx + genai_config.json"
+    )
+    parser.add_argument("checkpoint", help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
+    parser.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from graphattn.exporters.export import export, stderr_progress
+
+    result = export(
+        args.checkpoint,
+        args.output,
+        dtype=args.dtype,
+        progress=stderr_progress
+        if (args.progress or sys.stderr.isatty()) and not args.quiet
+        else None,
+    )
+    cfg = result.config
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in result.paths[:2])
+    print(
+        f"exported {cfg.model_type}: {cfg.num_layers} layers, {result.parameters:,} parameters,"
+        f" {sizes}, {result.seconds:.1f} s -> {result.out_dir}"
+    )
+    return 0
+
+
+@subcommand
+def _inspect_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect", help="print an export's architecture, I/O, op counts and sizes"
+    )
+    parser.add_argument("export_dir", help="directory written by graphattn export")
+    parser.set_defaults(run=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from graphattn.inspect import describe
+
+    print(describe(args.export_dir))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphattn`` console script; returns the exit status."""
     parser = build_parser()

@@ -34,11 +34,18 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         window = optional(config, "sliding_window", None)
     if model_type == "qwen2" and optional(config, "use_sliding_window", False):
         raise ValueError("config use_sliding_window=true (per-layer windows) is not supported")
+    # transformers < 5 writes rope_theta / rope_scaling; 5.x writes one rope_parameters dict.
+    rope = dict(optional(config, "rope_parameters", {}))  # type: ignore[arg-type]
+    theta = float(rope.get("rope_theta", optional(config, "rope_theta", 10000.0)))
     scaling = optional(config, "rope_scaling", None)
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = rope
     if scaling is not None:
         scaling = dict(scaling)  # type: ignore[arg-type]
-        scaling.setdefault("type", scaling.get("rope_type"))
-    partial = float(optional(config, "partial_rotary_factor", 1.0))
+        scaling["type"] = scaling.get("type") or scaling.get("rope_type")
+    partial = float(
+        rope.get("partial_rotary_factor", optional(config, "partial_rotary_factor", 1.0))
+    )
     rotary_dim = None if partial == 1.0 else int(head_dim * partial) // 2 * 2
     return ModelConfig(
         model_type=model_type,
@@ -57,7 +64,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         qkv_bias=biases[0],
         out_bias=biases[1],
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", False)),
-        rope_theta=float(optional(config, "rope_theta", 10000.0)),
+        rope_theta=theta,
         rope_scaling=scaling,
         rotary_dim=rotary_dim,
         window=None if window is None else int(window),

@@ -1,0 +1,96 @@
+"""Describe an export directory: architecture, I/O signature, op counts by domain, file sizes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def _dims(value: onnx.ValueInfoProto) -> str:
+    tensor = value.type.tensor_type
+    dims = [d.dim_param or str(d.dim_value) for d in tensor.shape.dim]
+    return f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}[{', '.join(dims)}]"
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes} B"
+        num_bytes /= 1024
+    return ""
+
+
+def _compact(names: list[str]) -> list[str]:
+    """Collapse per-layer names (``past_key_values.0.key`` ...) into one line each."""
+    lines, seen = [], set()
+    for name in names:
+        parts = name.split(".")
+        key = ".".join("{i}" if p.isdigit() else p for p in parts)
+        if key not in seen:
+            seen.add(key)
+            lines.append(key)
+    return lines
+
+
+def describe(out_dir: str | Path) -> str:
+    """A multi-line report of an export directory (the model's weights are not loaded)."""
+    out_dir = Path(out_dir)
+    model_path = out_dir / "model.onnx" if out_dir.is_dir() else out_dir
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no model.onnx")
+    model = onnx.load(str(model_path), load_external_data=False)
+    lines = []
+    config_path = model_path.parent / "genai_config.json"
+    if config_path.is_file():
+        decoder_cfg = json.loads(config_path.read_text())["model"]
+        d = decoder_cfg["decoder"]
+        lines.append(
+            f"architecture: {decoder_cfg['type']}  layers={d['num_hidden_layers']}"
+            f" hidden={d['hidden_size']} heads={d['num_attention_heads']}"
+            f" kv_heads={d['num_key_value_heads']} head_dim={d['head_size']}"
+            f" vocab={decoder_cfg['vocab_size']} context={decoder_cfg['context_length']}"
+        )
+    metadata = {p.key: p.value for p in model.metadata_props}
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
+    dtype = metadata.get("graphattn.dtype")
+    lines.append(
+        f"producer: {model.producer_name} {model.producer_version}  ir={model.ir_version}"
+        f"  opsets={opsets}" + (f"  dtype={dtype}" if dtype else "")
+    )
+    by_name_in = {v.name: v for v in model.graph.input}
+    by_name_out = {v.name: v for v in model.graph.output}
+    lines.append("inputs:")
+    for key in _compact(list(by_name_in)):
+        sample = next(v for n, v in by_name_in.items() if key == n or key.replace("{i}", "0") == n)
+        lines.append(f"  {key}: {_dims(sample)}")
+    lines.append("outputs:")
+    for key in _compact(list(by_name_out)):
+        sample = next(v for n, v in by_name_out.items() if key == n or key.replace("{i}", "0") == n)
+        lines.append(f"  {key}: {_dims(sample)}")
+    counts = Counter(node.domain or "ai.onnx" for node in model.graph.node)
+    lines.append(
+        f"graph nodes: {sum(counts.values())} ("
+        + ", ".join(f"{domain}: {n}" for domain, n in sorted(counts.items()))
+        + ")"
+    )
+    if model.functions:
+        inner = Counter(n.domain or "ai.onnx" for f in model.functions for n in f.node)
+        lines.append(
+            f"local functions: {len(model.functions)} ("
+            + ", ".join(f"{f.domain}.{f.name}" for f in model.functions)
+            + ")"
+        )
+        lines.append(
+            "function body nodes: " + ", ".join(f"{d}: {n}" for d, n in sorted(inner.items()))
+        )
+    parameters = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    lines.append(f"initializers: {len(model.graph.initializer)} ({parameters:,} values)")
+    lines.append("files:")
+    for path in sorted(model_path.parent.iterdir()):
+        if path.is_file():
+            lines.append(f"  {path.name}: {_size(path.stat().st_size)}")
+    return "\n".join(lines)
