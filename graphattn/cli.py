@@ -105,6 +105,97 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+
+
+@subcommand
+def _generate_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="stream generated text from an export")
+    parser.add_argument("export_dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=None, help="cache capacity")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--cache", choices=["bound", "plain"], default="bound")
+    _runtime_options(parser)
+    parser.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from graphattn.runtime import Generator, Timings
+
+    generator = Generator(
+        args.export_dir,
+        provider=args.provider,
+        threads=args.threads,
+        max_length=args.max_length,
+        cache=args.cache,
+    )
+    timings = Timings()
+    pieces = generator.stream(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        timings=timings,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    t = timings.as_dict()
+    print(
+        f"[{generator.model.device}] prefill {t['prefill_tokens']} tokens"
+        f" {t['prefill_tokens_per_s']:.1f} tok/s, decode {t['decode_tokens']} tokens"
+        f" {t['decode_tokens_per_s']:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@subcommand
+def _bench_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="prefill/decode tokens/s, TTFT and peak RSS")
+    parser.add_argument("export_dir")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--cache", choices=["both", "bound", "plain"], default="both")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per cache (best kept)")
+    parser.add_argument("--json", action="store_true")
+    _runtime_options(parser)
+    parser.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from graphattn.runtime.bench import bench, format_table
+
+    caches = ("bound", "plain") if args.cache == "both" else (args.cache,)
+    rows = bench(
+        args.export_dir,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        provider=args.provider,
+        threads=args.threads,
+        caches=caches,
+        repeats=args.repeats,
+    )
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphattn`` console script; returns the exit status."""
     parser = build_parser()

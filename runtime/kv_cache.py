@@ -1,0 +1,149 @@
+"""KV caches that drive a decoder step by step. Both keep ``length`` tokens of history and
+refuse, before running, a step that would pass ``capacity``.
+
+- :class:`PlainCache`: ``session.run`` with NumPy arrays, feeding each step's presents back
+  as the next pasts (the baseline every ONNX app can write).
+- :class:`BoundCache`: IOBinding over buffers preallocated once per layer at ``capacity``
+  on the session's device (CUDA memory under the CUDA provider), so the cache never comes back
+  to the host and no step allocates. Our graphs build each present with a Concat of past and
+  new, which cannot write into its own input, so every layer has two buffers per key/value
+  used in turn: step t reads its past from one and writes its present into the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from graphattn.runtime.session import ModelSession
+
+
+class ContextLengthError(ValueError):
+    """A step would make the cache longer than its capacity."""
+
+
+class _Cache:
+    def __init__(self, model: ModelSession, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1, got {capacity}")
+        self.model, self.capacity = model, int(capacity)
+        self.length = 0
+        self.batch = 0
+
+    def _check(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.capacity:
+            raise ContextLengthError(
+                f"{self.length} cached + {new_tokens} new tokens exceed the context of"
+                f" {self.capacity} tokens"
+            )
+
+    def _feeds(self, input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.model.has_position_ids:
+            feeds["position_ids"] = position_ids
+        return feeds
+
+
+class PlainCache(_Cache):
+    """History as NumPy arrays passed through ``session.run``."""
+
+    name = "plain"
+
+    def reset(self, batch: int) -> None:
+        """Empty the cache for a new batch of ``batch`` rows."""
+        cfg = self.model.config
+        empty = np.zeros((batch, cfg.kv_heads, 0, cfg.head_dim), dtype=self.model.kv_dtype)
+        self.pasts = [(empty, empty)] * cfg.num_layers
+        self.length, self.batch = 0, batch
+
+    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+        self._check(input_ids.shape[1])
+        feeds = self._feeds(input_ids, attention_mask, position_ids)
+        for layer, (key, value) in enumerate(self.pasts):
+            key_name, value_name = self.model.past_names(layer)
+            feeds[key_name], feeds[value_name] = key, value
+        outputs = dict(zip(self.model.output_names, self.model.session.run(None, feeds)))
+        self.pasts = [
+            tuple(outputs[name] for name in self.model.present_names(layer))
+            for layer in range(self.model.config.num_layers)
+        ]
+        self.length += input_ids.shape[1]
+        return outputs["logits"]
+
+
+class BoundCache(_Cache):
+    """Preallocated per-layer buffers on the session's device, bound through IOBinding."""
+
+    name = "bound"
+
+    def reset(self, batch: int) -> None:
+        """Allocate (or reuse) ``[batch, kv_heads, capacity, head_dim]`` buffers."""
+        cfg, device = self.model.config, self.model.device
+        shape = [batch, cfg.kv_heads, self.capacity, cfg.head_dim]
+        if self.batch != batch or not hasattr(self, "buffers"):
+            self.buffers = [
+                [
+                    [
+                        ort.OrtValue.ortvalue_from_shape_and_type(
+                            shape, self.model.kv_dtype, device, 0
+                        )
+                        for _ in range(2)
+                    ]  # key, value
+                    for _ in range(2)  # the two turns
+                ]
+                for _ in range(cfg.num_layers)
+            ]
+        self.binding = self.model.session.io_binding()
+        self.turn, self.length, self.batch = 0, 0, batch
+
+    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+        self._check(input_ids.shape[1])
+        cfg, device, dtype = self.model.config, self.model.device, self.model.kv_dtype
+        batch, new = input_ids.shape
+        past_shape = [batch, cfg.kv_heads, self.length, cfg.head_dim]
+        present_shape = [batch, cfg.kv_heads, self.length + new, cfg.head_dim]
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        io.bind_output("logits", "cpu")
+        for layer in range(cfg.num_layers):
+            read, write = self.buffers[layer][self.turn], self.buffers[layer][1 - self.turn]
+            for part in range(2):
+                io.bind_input(
+                    self.model.past_names(layer)[part],
+                    device,
+                    0,
+                    dtype,
+                    past_shape,
+                    read[part].data_ptr(),
+                )
+                io.bind_output(
+                    self.model.present_names(layer)[part],
+                    device,
+                    0,
+                    dtype,
+                    present_shape,
+                    write[part].data_ptr(),
+                )
+        self.model.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        self.turn, self.length = 1 - self.turn, self.length + new
+        return logits
+
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cached key and value of one layer as host arrays (for tests and debugging)."""
+        cfg = self.model.config
+        out = []
+        for part in range(2):
+            full = self.buffers[index][self.turn][part].numpy()
+            count = self.batch * cfg.kv_heads * self.length * cfg.head_dim
+            flat = full.reshape(-1)[:count]
+            out.append(flat.reshape(self.batch, cfg.kv_heads, self.length, cfg.head_dim))
+        return out[0], out[1]
+
+
+CACHES = {"bound": BoundCache, "plain": PlainCache}

@@ -1,0 +1,133 @@
+"""Open an exported decoder in onnxruntime: choose the provider, set threads and graph
+optimization, and check the graph's I/O against its config before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from graphattn.runtime.config import (
+    DecoderConfig,
+    ModelLoadError,
+    from_genai_config,
+    from_session_io,
+    locate_model,
+    numpy_dtype,
+)
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_OPTIMIZATION = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def cuda_available() -> bool:
+    """True when this onnxruntime build has the CUDA execution provider."""
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _providers(provider: str) -> list[str]:
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cuda" and not cuda_available():
+        raise ModelLoadError(
+            "provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider"
+            " (install the cuda extra: onnxruntime-gpu)"
+        )
+    if provider == "cuda" or (provider == "auto" and cuda_available()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class ModelSession:
+    """An onnxruntime session over one exported decoder plus its :class:`DecoderConfig`.
+
+    ``device`` is ``"cuda"`` when the CUDA provider actually loaded, else ``"cpu"``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        provider: str = "auto",
+        threads: int | None = None,
+        optimization: str = "all",
+    ) -> None:
+        model_path, config_path = locate_model(path)
+        options = ort.SessionOptions()
+        if optimization not in _OPTIMIZATION:
+            raise ValueError(f"optimization must be one of {', '.join(_OPTIMIZATION)}")
+        options.graph_optimization_level = _OPTIMIZATION[optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=_providers(provider)
+            )
+        except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as error:
+            first = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
+            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it ({first})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.config: DecoderConfig = (
+            from_genai_config(model_path, config_path)
+            if config_path is not None
+            else from_session_io(model_path, inputs, outputs)
+        )
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.input_names = [i.name for i in inputs]
+        self.output_names = [o.name for o in outputs]
+        self._check_io(inputs, outputs)
+        first_past = next(i for i in inputs if i.name == self.past_names(0)[0])
+        self.kv_dtype = numpy_dtype(first_past.type)
+        self.has_position_ids = "position_ids" in self.input_names
+
+    def past_names(self, layer: int) -> tuple[str, str]:
+        """(past key input, past value input) names of ``layer``."""
+        return self.config.past_key % layer, self.config.past_value % layer
+
+    def present_names(self, layer: int) -> tuple[str, str]:
+        """(present key output, present value output) names of ``layer``."""
+        return self.config.present_key % layer, self.config.present_value % layer
+
+    def _check_io(self, inputs: list, outputs: list) -> None:
+        cfg, where = self.config, self.config.model_path
+        by_input = {i.name: i for i in inputs}
+        by_output = {o.name: o for o in outputs}
+        for name in ("input_ids", "attention_mask"):
+            if name not in by_input:
+                raise ModelLoadError(f"{where}: graph has no {name!r} input")
+        if "logits" not in by_output:
+            raise ModelLoadError(f"{where}: graph has no 'logits' output")
+        for layer in range(cfg.num_layers):
+            for name in self.past_names(layer):
+                if name not in by_input:
+                    raise ModelLoadError(
+                        f"{where}: input {name!r} is missing but the config says"
+                        f" num_hidden_layers={cfg.num_layers}"
+                    )
+                shape = by_input[name].shape
+                if len(shape) != 4 or shape[1] != cfg.kv_heads or shape[3] != cfg.head_dim:
+                    raise ModelLoadError(
+                        f"{where}: input {name!r} has shape {shape}, config says"
+                        f" [batch, {cfg.kv_heads}, past, {cfg.head_dim}]"
+                    )
+            for name in self.present_names(layer):
+                if name not in by_output:
+                    raise ModelLoadError(f"{where}: output {name!r} is missing")
+        extra = self.past_names(cfg.num_layers)[0]
+        if extra in by_input:
+            raise ModelLoadError(
+                f"{where}: graph has input {extra!r} beyond num_hidden_layers={cfg.num_layers}"
+            )
+        vocab = by_output["logits"].shape[-1]
+        if cfg.vocab_size and isinstance(vocab, int) and vocab != cfg.vocab_size:
+            raise ModelLoadError(
+                f"{where}: logits width {vocab} != config vocab_size {cfg.vocab_size}"
+            )
