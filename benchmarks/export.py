@@ -59,7 +59,7 @@ def write_checkpoint(name: str, directory: Path) -> None:
     import checkpoints  # noqa: PLC0415
 
     config = CONFIGS[name]
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
     shapes = checkpoints.weight_shapes(config)

@@ -8,6 +8,7 @@ time through a memory map while they are written, so peak memory stays near one 
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import sys
@@ -115,6 +116,18 @@ def lazy_tensors(checkpoint: Checkpoint, plan: dict[str, WeightSource], dtype: s
     return tensors
 
 
+def _save_options(callback) -> dict:
+    """ir.save options: one tensor in flight at a time where this onnx-ir supports it."""
+    supported = inspect.signature(ir.save).parameters
+    wanted = {
+        "size_threshold_bytes": 0,
+        "max_workers": 1,
+        "max_in_flight_bytes": 64 * 1024 * 1024,
+        "callback": callback,
+    }
+    return {key: value for key, value in wanted.items() if key in supported}
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -145,15 +158,7 @@ def export(
             progress(info.index + 1, info.total, tensor.name or "")
 
     with staged_directory(out_dir) as staging:
-        ir.save(
-            model,
-            staging / MODEL_FILE,
-            external_data=DATA_FILE,
-            size_threshold_bytes=0,
-            max_workers=1,
-            max_in_flight_bytes=64 * 1024 * 1024,
-            callback=callback,
-        )
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
         config = genai_config(cfg, architecture.genai_type or cfg.model_type)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = []
