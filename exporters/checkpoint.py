@@ -5,12 +5,31 @@ sharded ``model.safetensors.index.json``. Pickle checkpoints (``.bin``, ``.pt``,
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphattn.exporters.safetensors_reader import CheckpointError, TensorEntry, read_header
+import numpy as np
+
+from graphattn.exporters.safetensors_reader import (
+    CheckpointError,
+    TensorEntry,
+    load_float32,
+    read_header,
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 @dataclass
@@ -25,6 +44,19 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes of tensor data on disk."""
         return sum(entry.nbytes for entry in self.tensors.values())
+
+    def load(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32, read now (memory-mapped, released afterwards)."""
+        return load_float32(self.tensors[name])
+
+    def write_tokenizer(self, out_dir: Path) -> list[str]:
+        """Copy the tokenizer files present into ``out_dir``; returns their names."""
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (self.directory / name).is_file():
+                shutil.copyfile(self.directory / name, out_dir / name)
+                copied.append(name)
+        return copied
 
 
 def _read_json(path: Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,26 +20,15 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.builder import build_decoder
-from graphattn.exporters.checkpoint import Checkpoint, open_checkpoint
+from graphattn.exporters.checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from graphattn.exporters.genai_config import genai_config
 from graphattn.exporters.output_dir import staged_directory
-from graphattn.exporters.safetensors_reader import CheckpointError, load_float32
+from graphattn.exporters.safetensors_reader import CheckpointError
 from graphattn.models import architecture_for
 from graphattn.spec import Architecture, ModelConfig, WeightSource
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 DTYPES = {"fp32": (ir.DataType.FLOAT, np.float32), "fp16": (ir.DataType.FLOAT16, np.float16)}
 
 Progress = Callable[[int, int, str], None]
@@ -63,6 +51,24 @@ class ExportResult:
     def paths(self) -> list[Path]:
         """Every file written."""
         return [self.model, self.data, self.genai_config, *self.tokenizer_files]
+
+
+def open_source(checkpoint: str | Path):
+    """An HF directory, a ``.gguf`` file, or a known model name (fetched on first use)."""
+    from graphattn.exporters.fetch import KNOWN_MODELS, fetch
+
+    path = Path(checkpoint)
+    if not path.exists() and str(checkpoint) in KNOWN_MODELS:
+        path = fetch(str(checkpoint))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from graphattn.exporters.gguf_reader import GGUFCheckpoint
+
+            return GGUFCheckpoint(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: pickle checkpoints are refused (never unpickled)")
+        raise CheckpointError(f"{path}: expected an HF checkpoint directory or a .gguf file")
+    return open_checkpoint(path)
 
 
 def plan_weights(checkpoint: Checkpoint, architecture: Architecture, cfg: ModelConfig):
@@ -101,10 +107,9 @@ def lazy_tensors(checkpoint: Checkpoint, plan: dict[str, WeightSource], dtype: s
     by_name: dict[str, ir.LazyTensor] = {}
     for role, source in plan.items():
         if source.name not in by_name:
-            entry = checkpoint.tensors[source.source]
 
-            def load(entry=entry, source=source) -> ir.Tensor:
-                array = load_float32(entry)
+            def load(source=source) -> ir.Tensor:
+                array = checkpoint.load(source.source)
                 if source.transform is not None:
                     array = source.transform(array)
                 return ir.tensor(np.ascontiguousarray(array, dtype=np_dtype), name=source.name)
@@ -143,7 +148,7 @@ def export(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     started = time.perf_counter()
-    source = open_checkpoint(checkpoint)
+    source = open_source(checkpoint)
     architecture = architecture_for(source.config)
     cfg = architecture.config_from_hf(source.config)
     plan = plan_weights(source, architecture, cfg)
@@ -161,11 +166,7 @@ def export(
         ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
         config = genai_config(cfg, architecture.genai_type or cfg.model_type)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copied = []
-        for name in TOKENIZER_FILES:
-            if (source.directory / name).is_file():
-                shutil.copyfile(source.directory / name, staging / name)
-                copied.append(name)
+        copied = source.write_tokenizer(staging)
     out = Path(out_dir).absolute()
     return ExportResult(
         out_dir=out,

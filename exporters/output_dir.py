@@ -17,14 +17,18 @@ EXPORT_MARKERS = ("genai_config.json", "model.onnx")
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
-    """Yields a fresh temporary directory; on normal exit it becomes ``target``."""
+def staged_directory(
+    target: str | Path, markers: tuple[str, ...] = EXPORT_MARKERS
+) -> Iterator[Path]:
+    """Yields a fresh temporary directory; on normal exit it becomes ``target``.
+
+    An existing non-empty ``target`` is replaced only if it holds one of ``markers``."""
     target = Path(target).absolute()
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target}: exists and is not a directory")
-        if any(target.iterdir()) and not any((target / m).exists() for m in EXPORT_MARKERS):
-            raise FileExistsError(f"{target}: exists and is not a graphattn export; choose another")
+        if any(target.iterdir()) and not any((target / m).exists() for m in markers):
+            raise FileExistsError(f"{target}: exists and is not a graphattn output; choose another")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)

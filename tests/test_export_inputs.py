@@ -189,6 +189,6 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     checkpoints.write_checkpoint(tmp_path / "hf", checkpoints.GPT2)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a graphattn export"):
+    with pytest.raises(FileExistsError, match="not a graphattn output"):
         export(tmp_path / "hf", tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

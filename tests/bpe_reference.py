@@ -1,0 +1,75 @@
+"""An independent byte-level BPE encoder (GPT-2 style), written from the algorithm: used to
+check the tokenizer we build from GGUF metadata. Needs the ``regex`` package for \\p{...}."""
+
+import regex
+
+GPT2_SPLIT = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+def byte_alphabet() -> dict[int, str]:
+    """Each byte → a printable character (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class ByteBPE:
+    def __init__(self, tokens, merges, specials, pre="gpt2"):
+        self.ids = {token: index for index, token in enumerate(tokens)}
+        self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
+        self.specials = sorted(specials, key=len, reverse=True)
+        self.pre = pre
+        self.alphabet = byte_alphabet()
+
+    def _word(self, word: str) -> list[int]:
+        symbols = [self.alphabet[b] for b in word.encode("utf-8")]
+        while len(symbols) > 1:
+            pairs = [
+                (self.ranks.get((a, b), float("inf")), i)
+                for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
+            ]
+            best_rank, _ = min(pairs)
+            if best_rank == float("inf"):
+                break
+            pair = next((symbols[i], symbols[i + 1]) for r, i in pairs if r == best_rank)
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return [self.ids[s] for s in symbols]
+
+    def _pieces(self, text: str) -> list[str]:
+        chunks = regex.split(r"(\p{N})", text) if self.pre == "smollm" else [text]
+        pieces = []
+        for chunk in chunks:
+            if chunk:
+                pieces.extend(GPT2_SPLIT.findall(chunk))
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        if self.specials:
+            pattern = "(" + "|".join(regex.escape(s) for s in self.specials) + ")"
+            parts = regex.split(pattern, text)
+        else:
+            parts = [text]
+        for part in parts:
+            if part in self.specials:
+                ids.append(self.ids[part])
+            elif part:
+                for piece in self._pieces(part):
+                    ids.extend(self._word(piece))
+        return ids
