@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.builder import build_decoder
+from graphattn.compiler import CompileOptions, compile_model
 from graphattn.exporters.checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from graphattn.exporters.genai_config import genai_config
 from graphattn.exporters.output_dir import staged_directory
@@ -29,6 +30,7 @@ from graphattn.spec import Architecture, ModelConfig, WeightSource
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+DEFAULT_TARGET = "portable"  # measured fastest on CPU: see README "Compiler targets"
 DTYPES = {"fp32": (ir.DataType.FLOAT, np.float32), "fp16": (ir.DataType.FLOAT16, np.float16)}
 
 Progress = Callable[[int, int, str], None]
@@ -125,7 +127,7 @@ def _save_options(callback) -> dict:
     """ir.save options: one tensor in flight at a time where this onnx-ir supports it."""
     supported = inspect.signature(ir.save).parameters
     wanted = {
-        "size_threshold_bytes": 0,
+        "size_threshold_bytes": 1024,  # small shape constants stay inline for shape inference
         "max_workers": 1,
         "max_in_flight_bytes": 64 * 1024 * 1024,
         "callback": callback,
@@ -133,27 +135,60 @@ def _save_options(callback) -> dict:
     return {key: value for key, value in wanted.items() if key in supported}
 
 
+def save_model(model: ir.Model, directory: Path, callback=None) -> None:
+    """Write ``model.onnx`` + one ``model.onnx.data`` into ``directory``."""
+    ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    dtype: str = "fp32",
+    precision: str = "fp32",
+    target: str = DEFAULT_TARGET,
+    dtype: str | None = None,
+    block_size: int = 32,
+    quantize_lm_head: bool = True,
+    last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export an HF checkpoint directory to ``out_dir``; returns the written paths.
+    """Export a checkpoint (HF directory, ``.gguf`` file or known model name) to ``out_dir``.
 
-    ``dtype``: ``fp32`` or ``fp16`` (weights, KV cache and logits). ``progress(done, total,
-    tensor_name)`` is called as each tensor is written.
+    ``precision``: ``fp32``, ``fp16`` (weights, KV cache and logits), ``int8`` or ``int4``
+    (weight-only, block ``block_size``; a GGUF's Q4_0/Q4_1/Q8_0 blocks are used as they are).
+    ``target``: ``functions``, ``portable`` or ``ort`` (see :mod:`graphattn.compiler`).
+    ``dtype`` is the older spelling of ``precision`` for ``fp32``/``fp16``.
+    ``last_logits_only``: logits for the last position only (cheaper prefill).
+    ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if precision not in ("fp32", dtype):
+            raise ValueError(f"dtype={dtype!r} conflicts with precision={precision!r}")
+        precision = dtype
+    options = CompileOptions(target, precision, block_size, quantize_lm_head)
+    float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()
     source = open_source(checkpoint)
     architecture = architecture_for(source.config)
     cfg = architecture.config_from_hf(source.config)
     plan = plan_weights(source, architecture, cfg)
-    model = build_decoder(cfg, lazy_tensors(source, plan, dtype), dtype=DTYPES[dtype][0])
-    model.metadata_props["graphattn.dtype"] = dtype
+    model = build_decoder(
+        cfg,
+        lazy_tensors(source, plan, float_dtype),
+        dtype=DTYPES[float_dtype][0],
+        last_logits_only=last_logits_only,
+    )
+    prequantized = None
+    if options.bits is not None and hasattr(source, "block_quantized"):
+        prequantized = {
+            s.name: (lambda s=s: source.block_quantized(s.source))
+            for s in plan.values()
+            if source.block_quantized_kind(s.source) is not None
+        }
+    compile_model(model, options, prequantized)
+    model.metadata_props["graphattn.dtype"] = float_dtype
     parameters = sum(
         int(np.prod(v.graph_shape)) for v in {s.name: s for s in plan.values()}.values()
     )
@@ -163,7 +198,7 @@ def export(
             progress(info.index + 1, info.total, tensor.name or "")
 
     with staged_directory(out_dir) as staging:
-        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
+        save_model(model, staging, callback)
         config = genai_config(cfg, architecture.genai_type or cfg.model_type)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = source.write_tokenizer(staging)

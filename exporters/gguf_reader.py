@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphattn.exporters.gguf_dequant import dequantize
+from graphattn.exporters.gguf_dequant import dequantize, q4_parts, q8_0_parts
 from graphattn.exporters.gguf_tokenizer import write_tokenizer_files
 from graphattn.exporters.safetensors_reader import CheckpointError
 
@@ -37,6 +37,7 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+LOSSLESS_KINDS = ("Q8_0", "Q4_0", "Q4_1")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -190,6 +191,41 @@ class GGUFCheckpoint:
         if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             return self.config["num_key_value_heads"]
         return None
+
+    def block_quantized_kind(self, name: str) -> str | None:
+        """The block format of ``name`` if it maps losslessly onto MatMulNBits, else None."""
+        tensor = self.tensors.get(name)
+        if tensor is None or len(tensor.shape) != 2 or tensor.kind not in LOSSLESS_KINDS:
+            return None
+        return tensor.kind
+
+    def block_quantized(self, name: str):
+        """``name``'s GGUF blocks as a :class:`BlockQuantized` (rows = output features), exact.
+
+        Q8_0 → 8 bits, zero point 128; Q4_0 → 4 bits, zero point 8; Q4_1 (``d·q + m``) → 4 bits
+        with float zero point ``−m/d``. Q/K rows are un-permuted like the float path."""
+        from graphattn.compiler.blockquant import BlockQuantized
+
+        tensor, raw = self.tensors[name], self.raw(name)
+        if tensor.kind == "Q8_0":
+            scales, q = q8_0_parts(raw)
+            levels = (q.astype(np.int16) + 128).astype(np.uint8)
+            zero = np.full(scales.shape, 128, dtype=np.uint8)
+            bits = 8
+        else:
+            scales, levels, mins = q4_parts(raw, tensor.kind)
+            bits = 4
+            if mins is None:
+                zero = np.full(scales.shape, 8, dtype=np.uint8)
+            else:  # d·q + m = (q − (−m/d))·d; a block with d = 0 is all m: q := 0, zp := −m
+                flat = scales == 0
+                levels = np.where(flat[..., None], 0, levels).astype(np.uint8)
+                zero = np.where(flat, -mins, -mins / np.where(flat, 1, scales)).astype(np.float32)
+                scales = np.where(flat, 1, scales).astype(np.float32)
+        heads = self.permuted_heads(name)
+        if heads is not None:
+            levels, scales, zero = (unpermute_rows(a, heads) for a in (levels, scales, zero))
+        return BlockQuantized(levels, scales.astype(np.float32), zero, bits, 32, tensor.shape[1])
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """tokenizer.json + tokenizer_config.json built from the GGUF's tokenizer metadata."""

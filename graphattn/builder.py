@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from graphattn import __version__, ops
@@ -60,10 +61,13 @@ def build_decoder(
     tensors: Mapping[str, ir.TensorProtocol],
     *,
     dtype: ir.DataType = ir.DataType.FLOAT,
+    last_logits_only: bool = False,
 ) -> ir.Model:
     """The decoder graph for ``cfg``; ``tensors`` maps builder roles to (lazy) weight tensors.
 
     ``dtype`` is the float type of the weights, KV cache and logits (FLOAT or FLOAT16).
+    ``last_logits_only``: logits ``[batch, 1, vocab]`` for the last position only (prefill
+    skips the output projection of every other position); else ``[batch, sequence, vocab]``.
     """
     g = GraphEmitter(f"{cfg.model_type}_decoder")
     w = _Weights(g, tensors)
@@ -153,9 +157,15 @@ def build_decoder(
         )
         presents.append((present_key, present_value))
 
+    if last_logits_only:
+        last = g.initializer("last_position", np.array([-1], dtype=np.int64))
+        end = g.initializer("sequence_end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+        axis = g.initializer("sequence_axis", np.array([1], dtype=np.int64))
+        hidden = g.op("Slice", [hidden, last, end, axis], name="last_position")
     hidden = _norm(g, cfg, hidden, w, "final_norm", "final_norm")
     logits = ops.lm_head(g, hidden, w["lm_head.weight"], name="lm_head")
-    g.output(logits, "logits", dtype, ["batch", "sequence", cfg.vocab_size])
+    logits_length = 1 if last_logits_only else "sequence"
+    g.output(logits, "logits", dtype, ["batch", logits_length, cfg.vocab_size])
     present_shape = ["batch", kv_heads, "total_sequence", head_dim]
     for i, (present_key, present_value) in enumerate(presents):
         g.output(present_key, f"present.{i}.key", dtype, present_shape)

@@ -56,6 +56,44 @@ def _list_ops(_: argparse.Namespace) -> int:
     return 0
 
 
+def _compile_options(parser: argparse.ArgumentParser) -> None:
+    from graphattn.compiler import PRECISIONS, TARGETS
+    from graphattn.exporters.export import DEFAULT_TARGET
+
+    parser.add_argument("--target", choices=TARGETS, default=DEFAULT_TARGET)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--block-size", type=int, default=32, help="int4/int8 block size")
+    parser.add_argument(
+        "--float-lm-head",
+        action="store_true",
+        help="keep the output projection in float with int4/int8",
+    )
+
+
+@subcommand
+def _compile_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compile", help="lower an existing (functions) export to another target/precision"
+    )
+    parser.add_argument("export_dir")
+    parser.add_argument("-o", "--output", required=True)
+    _compile_options(parser)
+    parser.set_defaults(run=_compile)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from graphattn.compiler import CompileOptions
+    from graphattn.compiler.files import compile_export
+
+    if args.precision == "fp16":
+        raise ValueError(
+            "fp16 changes the graph's I/O types: use graphattn export --precision fp16"
+        )
+    options = CompileOptions(args.target, args.precision, args.block_size, not args.float_lm_head)
+    print(compile_export(args.export_dir, args.output, options))
+    return 0
+
+
 @subcommand
 def _export_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -66,7 +104,18 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         help="HF checkpoint directory, a .gguf file, or a known model name (e.g. smollm2-135m)",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="older spelling of --precision fp32/fp16",
+    )
+    _compile_options(parser)
+    parser.add_argument(
+        "--all-logits",
+        action="store_true",
+        help="logits for every position (default: the last position only)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -79,6 +128,11 @@ def _export(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.output,
         dtype=args.dtype,
+        precision=args.precision,
+        target=args.target,
+        block_size=args.block_size,
+        quantize_lm_head=not args.float_lm_head,
+        last_logits_only=not args.all_logits,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
         else None,

@@ -37,7 +37,7 @@ def exported(request, tmp_path_factory):
     config = checkpoints.ALL_VARIANTS[request.param]
     root = tmp_path_factory.mktemp(request.param)
     weights = checkpoints.write_checkpoint(root / "hf", config, seed=len(request.param))
-    export(root / "hf", root / "onnx")
+    export(root / "hf", root / "onnx", target="functions", last_logits_only=False)
     return request.param, config, weights, root / "onnx"
 
 
@@ -136,4 +136,5 @@ def test_graph_is_valid_and_uses_the_standard_io(exported):
     genai = json.loads((out_dir / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_hidden_layers"] == layers
     assert genai["model"]["vocab_size"] == config["vocab_size"]
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    large = [t for t in model.graph.initializer if np.prod(t.dims) * 4 > 1024]
+    assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)

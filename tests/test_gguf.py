@@ -103,7 +103,7 @@ def test_config_comes_from_metadata(tiny_gguf):
 
 def test_export_matches_numpy_forward_of_the_held_weights(tiny_gguf, tmp_path):
     root, held, _ = tiny_gguf
-    export(root / "tiny.gguf", tmp_path / "onnx")
+    export(root / "tiny.gguf", tmp_path / "onnx", last_logits_only=False)
     ids = np.array([[5, 17, 42, 8, 99, 3]])
     mask = np.ones_like(ids)
     logits, _ = Decoder(tmp_path / "onnx")(ids, mask)
@@ -143,7 +143,7 @@ def test_convert_writes_the_hf_layout(tiny_gguf, tmp_path):
         assert_close(tensors[name], expected.astype(np.float64), 1e-6, name)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
-    export(tmp_path / "hf", tmp_path / "onnx")  # what we write, we read back
+    export(tmp_path / "hf", tmp_path / "onnx", last_logits_only=False)  # we read what we write
     ids = np.array([[5, 6, 7]])
     logits, _ = Decoder(tmp_path / "onnx")(ids, np.ones_like(ids))
     expected, _ = numpy_forward.forward(

@@ -56,7 +56,7 @@ def test_logits_and_cache_match_transformers(tmp_path, case):
     model = hf_model(config)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()  # sharded
-    export(tmp_path / "hf", tmp_path / "onnx")
+    export(tmp_path / "hf", tmp_path / "onnx", last_logits_only=False)
 
     rng = np.random.default_rng(2)
     ids = rng.integers(3, config["vocab_size"], size=(3, 7))

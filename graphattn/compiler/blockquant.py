@@ -1,0 +1,76 @@
+"""Weight-only block quantization in NumPy, in the layouts ONNX Runtime's ``MatMulNBits`` and
+standard ``DequantizeLinear`` (blocked, opset 21+) read.
+
+A weight ``W [K, N]`` (MatMul layout) is quantized per output column ``n`` in blocks of
+``block_size`` consecutive inputs ``k``: ``W[k, n] ≈ (q - zero_point) · scale``.
+
+MatMulNBits layout (``B [N, blocks, block_size·bits/8]`` uint8): column-major blocks; with 4
+bits, byte j of a block holds element 2j in its low nibble and 2j+1 in its high nibble.
+``scales [N·blocks]``; ``zero_points`` uint8 packed the same way (4 bits: two per byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BlockQuantized:
+    """Quantized columns of a ``[K, N]`` weight: ``q [N, blocks, block_size]`` (uint8 levels),
+    ``scales``/``zero_points [N, blocks]`` (float32 / uint8 or float32)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def n(self) -> int:
+        """Output features."""
+        return self.q.shape[0]
+
+    def dequantize(self) -> np.ndarray:
+        """``W [K, N]`` float32 as the kernels compute it."""
+        values = self.q.astype(np.float32) - self.zero_points[..., None].astype(np.float32)
+        values = values * self.scales[..., None]
+        return values.reshape(self.n, -1)[:, : self.k].T.copy()
+
+
+def quantize_columns(weight_KN: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
+    """Asymmetric round-to-nearest block quantization of ``W [K, N]`` (zero-padded along K)."""
+    k, n = weight_KN.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weight_KN
+    grouped = padded.T.reshape(n, blocks, block_size)
+    top = (1 << bits) - 1
+    low = np.minimum(grouped.min(axis=-1), 0.0)
+    high = np.maximum(grouped.max(axis=-1), 0.0)
+    scales = (high - low) / top
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+    zero_points = np.clip(np.round(-low / scales), 0, top).astype(np.uint8)
+    q = np.clip(np.round(grouped / scales[..., None]) + zero_points[..., None], 0, top)
+    return BlockQuantized(q.astype(np.uint8), scales, zero_points, bits, block_size, k)
+
+
+def pack_matmul_nbits(quantized: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], zero_points) for MatMulNBits."""
+    q, bits = quantized.q, quantized.bits
+    n, blocks, _ = q.shape
+    if bits == 8:
+        packed = q.copy()
+    else:
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    scales = quantized.scales.reshape(-1).astype(np.float32)
+    zp = quantized.zero_points
+    if zp.dtype != np.uint8:  # float zero points are passed as they are
+        return packed, scales, zp.reshape(-1).astype(np.float32)
+    if bits == 4:
+        if blocks % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    return packed, scales, zp.reshape(-1)

@@ -1,0 +1,37 @@
+"""Compile an existing export directory into a new one (``graphattn compile``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphattn.compiler.pipeline import CompileOptions, compile_model
+from graphattn.exporters.checkpoint import TOKENIZER_FILES
+from graphattn.exporters.export import DATA_FILE, MODEL_FILE, save_model
+from graphattn.exporters.output_dir import staged_directory
+
+
+def compile_export(in_dir: str | Path, out_dir: str | Path, options: CompileOptions) -> Path:
+    """Read ``in_dir/model.onnx`` (+ data), compile, write ``out_dir``; returns the model path."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    model_path = in_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{in_dir}: no {MODEL_FILE}")
+    if out_dir.absolute() == in_dir.absolute():
+        raise ValueError(f"{out_dir}: compile into a different directory than its input")
+    model = ir.load(str(model_path))
+    previous = model.metadata_props.get("graphattn.target", "functions")
+    if previous != "functions":
+        raise ValueError(f"{in_dir}: already compiled to {previous!r}; compile a functions export")
+    compile_model(model, options)
+    with staged_directory(out_dir) as staging:
+        save_model(model, staging)
+        for name in ("genai_config.json", *TOKENIZER_FILES):
+            if (in_dir / name).is_file():
+                shutil.copyfile(in_dir / name, staging / name)
+    return out_dir.absolute() / MODEL_FILE
+
+
+__all__ = ["DATA_FILE", "compile_export"]

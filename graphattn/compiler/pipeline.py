@@ -1,0 +1,82 @@
+"""The compile pipeline: target lowering, then precision, then cleanup.
+
+Targets: ``functions`` (graphattn functions kept, for reading), ``portable`` (standard ONNX
+only), ``ort`` (portable plus onnxruntime contrib fusions). Precisions: ``fp32``, ``fp16``,
+``int8``, ``int4`` (weight-only, MatMulNBits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from graphattn.compiler.portable import lower_portable
+from graphattn.compiler.quantize import Prequantized, quantize_weights
+
+TARGETS = ("functions", "portable", "ort")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to compile to. ``block_size`` applies to int4/int8; ``quantize_lm_head`` also
+    quantizes the output projection (embeddings stay a float Gather)."""
+
+    target: str = "portable"
+    precision: str = "fp32"
+    block_size: int = 32
+    quantize_lm_head: bool = True
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.precision in ("int4", "int8") and self.target == "functions":
+            raise ValueError(f"precision {self.precision} needs target portable or ort")
+
+    @property
+    def bits(self) -> int | None:
+        """4 or 8 for the integer precisions, else None."""
+        return {"int4": 4, "int8": 8}.get(self.precision)
+
+
+def optimize(model: ir.Model) -> None:
+    """Constant folding and dead-code removal (onnxscript optimizer), so the saved graph needs
+    no further work at load; functions are already inlined for these targets."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize(model, num_iterations=2, onnx_shape_inference=False, inline=False)
+
+
+def compile_model(
+    model: ir.Model, options: CompileOptions, prequantized: Prequantized | None = None
+) -> ir.Model:
+    """Lower ``model`` (in place) to ``options.target``; returns it.
+
+    ``prequantized`` maps weight initializer names to already-quantized blocks (GGUF) that
+    int4/int8 use as they are instead of quantizing the float weights."""
+    if options.target in ("portable", "ort"):
+        lower_portable(model)
+        optimize(model)
+    if options.bits is not None:
+        quantize_weights(
+            model,
+            bits=options.bits,
+            block_size=options.block_size,
+            standard=options.target == "portable",
+            quantize_lm_head=options.quantize_lm_head,
+            prequantized=prequantized,
+            accuracy_level=options.accuracy_level,
+        )
+    common.RemoveUnusedNodesPass()(model)
+    model.metadata_props["graphattn.target"] = options.target
+    model.metadata_props["graphattn.precision"] = options.precision
+    return model

@@ -1,0 +1,81 @@
+"""Lower graphattn functions to standard ONNX (opset 23) where a standard op exists:
+
+- ``ScaledDotProductAttention[Softcap]`` → ``Attention`` (the bias as ``attn_mask``, explicit
+  ``scale``, ``softcap``); GQA/MQA head counts come from the 4-D shapes;
+- ``RotaryHalves`` / ``RotaryInterleaved`` → ``RotaryEmbedding`` (cos/sin ``[B, S, R]``,
+  ``rotary_embedding_dim = 2R`` read from the inverse-frequency initializer);
+- ``RMSNorm`` → ``RMSNormalization`` (float32 statistics, ``stash_type = 1``).
+
+Everything else (masks, MLPs, scalable softmax, ...) is then inlined: the result uses only the
+default ONNX domain.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from graphattn.compiler.rewrite import attribute, replace_node
+from graphattn.ops.domain import DOMAIN
+
+
+def _rotary_dim(node: ir.Node) -> int:
+    cos = node.inputs[1]
+    producer = cos.producer() if cos is not None else None
+    if producer is not None and producer.op_type == "RotaryCosSin":
+        inv_freq = producer.inputs[1].const_value
+        if inv_freq is not None:
+            return 2 * int(inv_freq.shape[0])
+    return 0  # RotaryEmbedding's default: the whole head
+
+
+def _cast_like(graph: ir.Graph, node: ir.Node, index: int, like: ir.Value) -> ir.Value:
+    """Insert ``CastLike(node.inputs[index], like)`` before ``node`` (a no-op in fp32 that the
+    optimizer removes; it matters for fp16 graphs whose cos/sin and bias are float32)."""
+    cast = ir.node("CastLike", [node.inputs[index], like], name=f"{node.name}/cast_{index}")
+    graph.insert_before(node, cast)
+    return cast.outputs[0]
+
+
+def lower_to_standard(graph: ir.Graph) -> int:
+    """Replace graphattn calls that have a standard equivalent; returns how many."""
+    count = 0
+    for node in list(graph):
+        if node.domain != DOMAIN:
+            continue
+        if node.op_type in ("ScaledDotProductAttention", "ScaledDotProductAttentionSoftcap"):
+            attrs = {"scale": float(attribute(node, "scale")), "is_causal": 0}
+            if node.op_type.endswith("Softcap"):
+                attrs["softcap"] = float(attribute(node, "softcap"))
+            query, key, value, _ = node.inputs[:4]
+            bias = _cast_like(graph, node, 3, query)
+            replace_node(graph, node, "Attention", [query, key, value, bias], attrs, num_outputs=1)
+        elif node.op_type in ("RotaryHalves", "RotaryInterleaved"):
+            attrs = {
+                "interleaved": int(node.op_type == "RotaryInterleaved"),
+                "rotary_embedding_dim": _rotary_dim(node),
+            }
+            x = node.inputs[0]
+            cos, sin = _cast_like(graph, node, 1, x), _cast_like(graph, node, 2, x)
+            replace_node(graph, node, "RotaryEmbedding", [x, cos, sin], attrs)
+        elif node.op_type == "RMSNorm":
+            attrs = {"axis": -1, "epsilon": float(attribute(node, "epsilon")), "stash_type": 1}
+            replace_node(graph, node, "RMSNormalization", node.inputs[:2], attrs)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def inline_functions(model: ir.Model) -> None:
+    """Inline every model-local function call and drop the definitions."""
+    common.InlinePass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    model.graph.opset_imports.pop(DOMAIN, None)
+
+
+def lower_portable(model: ir.Model) -> ir.Model:
+    """The model with standard ops only (in place; also returned)."""
+    lower_to_standard(model.graph)
+    inline_functions(model)
+    return model

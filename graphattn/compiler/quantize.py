@@ -1,0 +1,161 @@
+"""Weight-only int4/int8 quantization of MatMul weights.
+
+- target ``ort``: ``MatMul(x, W)`` → ``com.microsoft.MatMulNBits(x, B, scales, zero_points)``;
+  the output projection ``Gemm(h, E, transB=1)`` too when ``quantize_lm_head`` (E is already
+  ``[N, K]``). The embedding Gather keeps its float table.
+- target ``portable``: ``MatMul(x, DequantizeLinear(Wq, scale, zero_point, axis=0,
+  block_size))`` with int4/uint4 or uint8 weights — standard ONNX (opset 21+ blocked
+  quantization); onnxruntime may fuse it back into MatMulNBits.
+
+Weights come from the graph's initializers (quantized in NumPy, round-to-nearest,
+asymmetric) or, when given, from ``prequantized`` blocks (lossless GGUF import).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from graphattn.compiler.blockquant import BlockQuantized, pack_matmul_nbits, quantize_columns
+from graphattn.compiler.rewrite import attribute, replace_node
+
+Prequantized = Mapping[str, Callable[[], BlockQuantized]]
+MS_DOMAIN = "com.microsoft"
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(
+        name=name,
+        type=ir.TensorType(tensor.dtype),
+        shape=ir.Shape(tensor.shape),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """(weight value, stored as [N, K]) if ``node`` is a MatMul/Gemm by a constant 2-D weight."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    if len(node.inputs[1].const_value.shape) != 2:
+        return None
+    if node.op_type == "MatMul" and node.domain == "":
+        return node.inputs[1], False
+    if node.op_type == "Gemm" and node.domain == "" and attribute(node, "transB", 0) == 1:
+        if attribute(node, "transA", 0) or len(node.inputs) > 2 and node.inputs[2] is not None:
+            return None
+        if attribute(node, "alpha", 1.0) != 1.0:
+            return None
+        return node.inputs[1], True
+    return None
+
+
+def _quantized(
+    weight: ir.Value, transposed: bool, bits: int, block_size: int, prequantized: Prequantized
+) -> BlockQuantized:
+    if weight.name in prequantized:
+        return prequantized[weight.name]()
+    array = weight.const_value.numpy().astype(np.float32)
+    return quantize_columns(array.T if transposed else array, bits, block_size)
+
+
+def quantize_weights(
+    model: ir.Model,
+    *,
+    bits: int,
+    block_size: int,
+    standard: bool,
+    quantize_lm_head: bool,
+    prequantized: Prequantized | None = None,
+    accuracy_level: int = 0,
+) -> int:
+    """Quantize eligible MatMul/Gemm weights in place; returns how many were quantized."""
+    graph, prequantized, count = model.graph, prequantized or {}, 0
+    for node in list(graph):
+        found = _weight(node)
+        if found is None:
+            continue
+        weight, transposed = found
+        if transposed and not quantize_lm_head:
+            continue
+        k = weight.const_value.shape[1 if transposed else 0]
+        if standard and k % block_size and weight.name not in prequantized:
+            continue  # blocked DequantizeLinear needs whole blocks: this weight stays float
+        quantized = _quantized(weight, transposed, bits, block_size, prequantized)
+        base = f"{weight.name}.q{quantized.bits}"
+        if standard:
+            _lower_standard(graph, node, quantized, base, transposed)
+        else:
+            b, scales, zp = pack_matmul_nbits(quantized)
+            inputs = [
+                node.inputs[0],
+                _initializer(graph, f"{base}.B", b),
+                _initializer(graph, f"{base}.scales", scales),
+                _initializer(graph, f"{base}.zero_points", zp),
+            ]
+            attrs = {
+                "K": quantized.k,
+                "N": quantized.n,
+                "bits": quantized.bits,
+                "block_size": quantized.block_size,
+                "accuracy_level": accuracy_level,
+            }
+            replace_node(graph, node, "MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+        count += 1
+    if count and not standard:
+        graph.opset_imports[MS_DOMAIN] = 1
+    for value in list(graph.initializers.values()):
+        if not value.uses() and value not in graph.outputs:
+            del graph.initializers[value.name]
+    return count
+
+
+def _lower_standard(
+    graph: ir.Graph, node: ir.Node, quantized: BlockQuantized, base: str, transposed: bool
+) -> None:
+    """Weight input replaced by DequantizeLinear(blocked uint4/uint8) — standard ONNX.
+
+    The layout follows the consumer: MatMul reads ``[K, N]`` (blocks along axis 0), the
+    transB Gemm ``[N, K]`` (blocks along axis 1)."""
+    if quantized.k % quantized.block_size:
+        raise ValueError(
+            f"{base}: K={quantized.k} is not a multiple of block {quantized.block_size}"
+        )
+    zero = quantized.zero_points
+    if zero.dtype != np.uint8:
+        raise ValueError(f"{base}: float zero points have no standard DequantizeLinear form")
+    q_NK = quantized.q.reshape(quantized.n, -1)
+    scales, axis = quantized.scales, 1
+    if not transposed:
+        q_NK, scales, zero, axis = q_NK.T, scales.T, zero.T, 0
+    dtype = ir.DataType.UINT4 if quantized.bits == 4 else ir.DataType.UINT8
+    numpy_dtype = ml_dtypes.uint4 if quantized.bits == 4 else np.uint8
+    tensors = (
+        ir.tensor(
+            np.ascontiguousarray(q_NK).astype(numpy_dtype), dtype=dtype, name=f"{base}.weight"
+        ),
+        ir.tensor(np.ascontiguousarray(scales, dtype=np.float32), name=f"{base}.scale"),
+        ir.tensor(
+            np.ascontiguousarray(zero).astype(numpy_dtype), dtype=dtype, name=f"{base}.zero_point"
+        ),
+    )
+    values = [
+        ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=ir.Shape(t.shape), const_value=t)
+        for t in tensors
+    ]
+    for value in values:
+        graph.register_initializer(value)
+    dequantized = ir.node(
+        "DequantizeLinear",
+        values,
+        {"axis": axis, "block_size": quantized.block_size},
+        name=f"{node.name}/dequantize",
+    )
+    dequantized.outputs[0].name = f"{base}.dequantized"
+    graph.insert_before(node, dequantized)
+    node.replace_input_with(1, dequantized.outputs[0])
