@@ -135,6 +135,18 @@ def _save_options(callback) -> dict:
     return {key: value for key, value in wanted.items() if key in supported}
 
 
+def lossless_kinds(options: CompileOptions) -> tuple[str, ...]:
+    """GGUF block formats used as they are for this precision and target.
+
+    int4 keeps Q4_0/Q4_1 (4-bit) and Q8_0 (8-bit) blocks exactly; int8 keeps only Q8_0 and
+    re-quantizes the rest to 8 bits. Standard DequantizeLinear has no float zero point, so the
+    portable target re-quantizes Q4_1."""
+    kinds = ("Q4_0", "Q4_1", "Q8_0") if options.bits == 4 else ("Q8_0",)
+    if options.target == "portable":
+        kinds = tuple(k for k in kinds if k != "Q4_1")
+    return kinds
+
+
 def save_model(model: ir.Model, directory: Path, callback=None) -> None:
     """Write ``model.onnx`` + one ``model.onnx.data`` into ``directory``."""
     ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
@@ -149,6 +161,7 @@ def export(
     dtype: str | None = None,
     block_size: int = 32,
     quantize_lm_head: bool = True,
+    accuracy_level: int = 4,
     last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -158,6 +171,7 @@ def export(
     (weight-only, block ``block_size``; a GGUF's Q4_0/Q4_1/Q8_0 blocks are used as they are).
     ``target``: ``functions``, ``portable`` or ``ort`` (see :mod:`graphattn.compiler`).
     ``dtype`` is the older spelling of ``precision`` for ``fp32``/``fp16``.
+    ``accuracy_level``: MatMulNBits compute type (4 = int8 activations, 0 = float).
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
@@ -167,7 +181,7 @@ def export(
         if precision not in ("fp32", dtype):
             raise ValueError(f"dtype={dtype!r} conflicts with precision={precision!r}")
         precision = dtype
-    options = CompileOptions(target, precision, block_size, quantize_lm_head)
+    options = CompileOptions(target, precision, block_size, quantize_lm_head, accuracy_level)
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()
     source = open_source(checkpoint)
@@ -182,10 +196,11 @@ def export(
     )
     prequantized = None
     if options.bits is not None and hasattr(source, "block_quantized"):
+        usable = lossless_kinds(options)
         prequantized = {
             s.name: (lambda s=s: source.block_quantized(s.source))
             for s in plan.values()
-            if source.block_quantized_kind(s.source) is not None
+            if source.block_quantized_kind(s.source) in usable
         }
     compile_model(model, options, prequantized)
     model.metadata_props["graphattn.dtype"] = float_dtype

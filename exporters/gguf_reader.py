@@ -202,8 +202,8 @@ class GGUFCheckpoint:
     def block_quantized(self, name: str):
         """``name``'s GGUF blocks as a :class:`BlockQuantized` (rows = output features), exact.
 
-        Q8_0 → 8 bits, zero point 128; Q4_0 → 4 bits, zero point 8; Q4_1 (``d·q + m``) → 4 bits
-        with float zero point ``−m/d``. Q/K rows are un-permuted like the float path."""
+        Q8_0 → 8 bits, zero point 128; Q4_0 → 4 bits, zero point 8; Q4_1 (``d·q + m``) → 4 bits,
+        zero point 0 and per-block offsets ``m``. Q/K rows are un-permuted like the float path."""
         from graphattn.compiler.blockquant import BlockQuantized
 
         tensor, raw = self.tensors[name], self.raw(name)
@@ -211,21 +211,19 @@ class GGUFCheckpoint:
             scales, q = q8_0_parts(raw)
             levels = (q.astype(np.int16) + 128).astype(np.uint8)
             zero = np.full(scales.shape, 128, dtype=np.uint8)
-            bits = 8
+            bits, mins = 8, None
         else:
             scales, levels, mins = q4_parts(raw, tensor.kind)
             bits = 4
-            if mins is None:
-                zero = np.full(scales.shape, 8, dtype=np.uint8)
-            else:  # d·q + m = (q − (−m/d))·d; a block with d = 0 is all m: q := 0, zp := −m
-                flat = scales == 0
-                levels = np.where(flat[..., None], 0, levels).astype(np.uint8)
-                zero = np.where(flat, -mins, -mins / np.where(flat, 1, scales)).astype(np.float32)
-                scales = np.where(flat, 1, scales).astype(np.float32)
+            # Q4_0: d·(q − 8). Q4_1: d·q + m, kept as zero point 0 plus a per-block offset m
+            zero = np.full(scales.shape, 0 if mins is not None else 8, dtype=np.uint8)
         heads = self.permuted_heads(name)
         if heads is not None:
             levels, scales, zero = (unpermute_rows(a, heads) for a in (levels, scales, zero))
-        return BlockQuantized(levels, scales.astype(np.float32), zero, bits, 32, tensor.shape[1])
+            mins = None if mins is None else unpermute_rows(mins, heads)
+        return BlockQuantized(
+            levels, scales.astype(np.float32), zero, bits, 32, tensor.shape[1], mins
+        )
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """tokenizer.json + tokenizer_config.json built from the GGUF's tokenizer metadata."""

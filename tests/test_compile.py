@@ -23,8 +23,9 @@ MODELS = {
 }
 # Documented tolerances on these random tiny models (logits have std ~1.1), vs fp32 functions:
 # max abs logit error, and the share of positions whose argmax (teacher-forced greedy) agrees.
+# int4/int8 run MatMulNBits at accuracy_level 4 (int8 activations), as shipped.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int8": 0.25, "int4": 3.0}
-ARGMAX_AGREEMENT = {"fp32": 1.0, "fp16": 1.0, "int8": 1.0, "int4": 0.6}
+ARGMAX_AGREEMENT = {"fp32": 1.0, "fp16": 1.0, "int8": 0.85, "int4": 0.6}
 PROMPT = [5, 17, 42, 8, 11, 60, 3]
 
 
@@ -60,8 +61,7 @@ def test_target_and_precision_track_fp32_functions(checkpoint, target, precision
     ours = Generator(out, provider="cpu").generate(PROMPT, max_new_tokens=8, use_eos=False)
     if precision in ("fp32", "fp16"):
         assert ours.token_ids == reference.token_ids
-    elif precision == "int8":  # free-running: near-ties of random weights may flip later tokens
-        assert ours.token_ids[:2] == reference.token_ids[:2]
+    # int8/int4 (int8 activations): checked by the teacher-forced agreement above
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     domains = {n.domain for n in model.graph.node}
     assert not model.functions
@@ -171,6 +171,8 @@ def test_lossless_gguf_blocks(tmp_path):
         blocks = checkpoint.block_quantized(name)
         n, k = held[name].shape
         seen = matmul_nbits_weights(*pack_matmul_nbits(blocks), k, n, blocks.bits)
+        if blocks.mins is not None:  # Q4_1 offsets are added by a block-sum MatMul
+            seen = seen + np.repeat(blocks.mins.T, 32, axis=0)[:k]
         assert_close(seen.T, held[name].astype(np.float64), 1e-6, f"{name} ({kind})")
     export(tmp_path / "m.gguf", tmp_path / "fp32", target="ort", last_logits_only=False)
     export(
@@ -179,6 +181,7 @@ def test_lossless_gguf_blocks(tmp_path):
         target="ort",
         precision="int4",
         last_logits_only=False,
+        accuracy_level=0,  # float compute: the comparison isolates the weights
     )
     # the int4 export computes with exactly the GGUF's weights: same logits as its fp32 export
     assert_close(all_logits(tmp_path / "int4"), all_logits(tmp_path / "fp32"), 1e-4, "int4 vs fp32")

@@ -27,6 +27,7 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int
+    mins: np.ndarray | None = None  # [N, blocks] float32 offsets: w = (q − zp)·scale + min
 
     @property
     def n(self) -> int:

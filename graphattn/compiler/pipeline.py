@@ -22,13 +22,15 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 @dataclass(frozen=True)
 class CompileOptions:
     """What to compile to. ``block_size`` applies to int4/int8; ``quantize_lm_head`` also
-    quantizes the output projection (embeddings stay a float Gather)."""
+    quantizes the output projection (embeddings stay a float Gather). ``accuracy_level`` is
+    MatMulNBits' compute type: 4 = int8 activations (fast on CPU; onnxruntime's int8 weights
+    have no fast path without it), 0 = float."""
 
     target: str = "portable"
     precision: str = "fp32"
     block_size: int = 32
     quantize_lm_head: bool = True
-    accuracy_level: int = 0
+    accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -105,7 +105,10 @@ def quantize_weights(
                 "block_size": quantized.block_size,
                 "accuracy_level": accuracy_level,
             }
-            replace_node(graph, node, "MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+            if quantized.mins is None:
+                replace_node(graph, node, "MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+            else:
+                _matmul_nbits_with_offsets(graph, node, inputs, attrs, quantized, base)
         count += 1
     if count and not standard:
         graph.opset_imports[MS_DOMAIN] = 1
@@ -113,6 +116,42 @@ def quantize_weights(
         if not value.uses() and value not in graph.outputs:
             del graph.initializers[value.name]
     return count
+
+
+def _matmul_nbits_with_offsets(
+    graph: ir.Graph, node: ir.Node, inputs: list, attrs: dict, quantized: BlockQuantized, base: str
+) -> None:
+    """``x·W`` for ``W = (q − 0)·d + m`` per block (GGUF Q4_1), exactly and on the fast
+    integer-zero-point kernel: ``MatMulNBits(x; q, d) + blocksum(x) · M`` where
+    ``blocksum(x)[.., b] = Σ_{k in block b} x[.., k]`` and ``M [blocks, N]`` holds the offsets."""
+    blocks, size = quantized.q.shape[1], quantized.block_size
+    if quantized.k != blocks * size:
+        raise ValueError(f"{base}: K={quantized.k} is not a whole number of {size}-blocks")
+    x, scope = node.inputs[0], base  # the weight's name is unique; inlined node names are not
+    grouped_shape = _initializer(graph, f"{base}.grouped_shape", np.array([-1, blocks, size]))
+    last_axis = _initializer(graph, f"{base}.last_axis", np.array([-1]))
+    offsets = _initializer(graph, f"{base}.offsets", np.ascontiguousarray(quantized.mins.T))
+    main = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{scope}/nbits")
+    grouped = ir.node("Reshape", [x, grouped_shape], name=f"{scope}/blocks")
+    sums = ir.node(
+        "ReduceSum", [grouped.outputs[0], last_axis], {"keepdims": 0}, name=f"{scope}/block_sums"
+    )
+    correction = ir.node("MatMul", [sums.outputs[0], offsets], name=f"{scope}/offsets")
+    out_shape = ir.node("Shape", [main.outputs[0]], name=f"{scope}/shape")
+    shaped = ir.node(
+        "Reshape", [correction.outputs[0], out_shape.outputs[0]], name=f"{scope}/offsets_shaped"
+    )
+    total = ir.node("Add", [main.outputs[0], shaped.outputs[0]], name=f"{scope}/sum")
+    new_nodes = [main, grouped, sums, correction, out_shape, shaped, total]
+    for new in new_nodes:
+        new.outputs[0].name = new.name
+    graph.insert_before(node, new_nodes)
+    old = node.outputs[0]
+    name, value_type, shape = old.name, old.type, old.shape
+    old.replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
+    old.name = None
+    total.outputs[0].name, total.outputs[0].type, total.outputs[0].shape = name, value_type, shape
+    graph.remove(node, safe=True)
 
 
 def _lower_standard(
