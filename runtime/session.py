@@ -113,7 +113,11 @@ class ModelSession:
                         f" num_hidden_layers={cfg.num_layers}"
                     )
                 shape = by_input[name].shape
-                if len(shape) != 4 or shape[1] != cfg.kv_heads or shape[3] != cfg.head_dim:
+                expected = {1: cfg.kv_heads, 3: cfg.head_dim}  # symbolic dims are accepted
+                wrong = any(
+                    isinstance(shape[i], int) and shape[i] != v for i, v in expected.items()
+                )
+                if len(shape) != 4 or wrong:
                     raise ModelLoadError(
                         f"{where}: input {name!r} has shape {shape}, config says"
                         f" [batch, {cfg.kv_heads}, past, {cfg.head_dim}]"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphattn.compiler.pack import pack_matmuls
 from graphattn.compiler.portable import lower_portable
 from graphattn.compiler.quantize import Prequantized, quantize_weights
 
@@ -68,6 +69,8 @@ def compile_model(
     if options.target in ("portable", "ort"):
         lower_portable(model)
         optimize(model)
+        prequantized = dict(prequantized or {})
+        pack_matmuls(model.graph, prequantized)
     if options.bits is not None:
         quantize_weights(
             model,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphattn.compiler.attention3d import fuse_attention_blocks
 from graphattn.compiler.rewrite import attribute, replace_node
 from graphattn.ops.domain import DOMAIN
 
@@ -29,6 +30,14 @@ def _rotary_dim(node: ir.Node) -> int:
     return 0  # RotaryEmbedding's default: the whole head
 
 
+def _float_dtype(graph: ir.Graph) -> ir.DataType:
+    """The model's float type: that of its first float input (the KV cache), else FLOAT."""
+    for value in graph.inputs:
+        if value.type is not None and value.type.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return value.type.dtype
+    return ir.DataType.FLOAT
+
+
 def _cast_like(graph: ir.Graph, node: ir.Node, index: int, like: ir.Value) -> ir.Value:
     """Insert ``CastLike(node.inputs[index], like)`` before ``node`` (a no-op in fp32 that the
     optimizer removes; it matters for fp16 graphs whose cos/sin and bias are float32)."""
@@ -39,7 +48,8 @@ def _cast_like(graph: ir.Graph, node: ir.Node, index: int, like: ir.Value) -> ir
 
 def lower_to_standard(graph: ir.Graph) -> int:
     """Replace graphattn calls that have a standard equivalent; returns how many."""
-    count = 0
+    float32 = _float_dtype(graph) == ir.DataType.FLOAT
+    count = fuse_attention_blocks(graph, _rotary_dim, float32)
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
@@ -47,16 +57,17 @@ def lower_to_standard(graph: ir.Graph) -> int:
             attrs = {"scale": float(attribute(node, "scale")), "is_causal": 0}
             if node.op_type.endswith("Softcap"):
                 attrs["softcap"] = float(attribute(node, "softcap"))
-            query, key, value, _ = node.inputs[:4]
-            bias = _cast_like(graph, node, 3, query)
+            query, key, value, bias = node.inputs[:4]
+            bias = bias if float32 else _cast_like(graph, node, 3, query)
             replace_node(graph, node, "Attention", [query, key, value, bias], attrs, num_outputs=1)
         elif node.op_type in ("RotaryHalves", "RotaryInterleaved"):
             attrs = {
                 "interleaved": int(node.op_type == "RotaryInterleaved"),
                 "rotary_embedding_dim": _rotary_dim(node),
             }
-            x = node.inputs[0]
-            cos, sin = _cast_like(graph, node, 1, x), _cast_like(graph, node, 2, x)
+            x, cos, sin = node.inputs[:3]
+            if not float32:
+                cos, sin = _cast_like(graph, node, 1, x), _cast_like(graph, node, 2, x)
             replace_node(graph, node, "RotaryEmbedding", [x, cos, sin], attrs)
         elif node.op_type == "RMSNorm":
             attrs = {"axis": -1, "epsilon": float(attribute(node, "epsilon")), "stash_type": 1}
