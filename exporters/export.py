@@ -162,6 +162,7 @@ def export(
     block_size: int = 32,
     quantize_lm_head: bool = True,
     accuracy_level: int = 4,
+    requantize: bool = False,
     last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -172,6 +173,8 @@ def export(
     ``target``: ``functions``, ``portable`` or ``ort`` (see :mod:`graphattn.compiler`).
     ``dtype`` is the older spelling of ``precision`` for ``fp32``/``fp16``.
     ``accuracy_level``: MatMulNBits compute type (4 = int8 activations, 0 = float).
+    ``requantize``: quantize a GGUF's dequantized weights afresh (round-to-nearest, faster
+    kernels) instead of keeping its Q4_0/Q4_1/Q8_0 blocks exactly.
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
@@ -195,7 +198,7 @@ def export(
         last_logits_only=last_logits_only,
     )
     prequantized = None
-    if options.bits is not None and hasattr(source, "block_quantized"):
+    if options.bits is not None and hasattr(source, "block_quantized") and not requantize:
         usable = lossless_kinds(options)
         prequantized = {
             s.name: (lambda s=s: source.block_quantized(s.source))

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-if [[ ",$EXTRAS," == *",hf,"* ]]; then
+if [[ ",$EXTRAS," == *",hf,"* || ",$EXTRAS," == *",bench,"* ]]; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"

@@ -6,6 +6,7 @@ against an independent BPE over the GGUF's vocabulary and merges, and — where 
 is installed — against transformers loading the same GGUF."""
 
 import numpy as np
+import onnx
 import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
@@ -75,13 +76,21 @@ def numpy_decode(config, weights, prompt_ids, steps):
     return tokens, np.stack(all_logits[:steps])
 
 
-def test_greedy_32_tokens_match_numpy_reference(smollm2, reference_weights):
+@pytest.fixture(scope="module")
+def reference_decode(smollm2, reference_weights):
+    """(prompt ids, 32 greedy tokens, their logits) from the NumPy reference."""
     _, out = smollm2
     config, weights = reference_weights
+    prompt_ids = Generator(out, provider="cpu").encode(PROMPT, chat=True)
+    return (prompt_ids, *numpy_decode(config, weights, prompt_ids, STEPS))
+
+
+def test_greedy_32_tokens_match_numpy_reference(smollm2, reference_decode):
+    _, out = smollm2
+    prompt_ids, expected_tokens, expected_logits = reference_decode
     generator = Generator(out, provider="cpu", cache="plain")
-    prompt_ids = generator.encode(PROMPT, chat=True)
+    assert generator.encode(PROMPT, chat=True) == prompt_ids
     result = generator.generate(prompt_ids, max_new_tokens=STEPS, use_eos=False)
-    expected_tokens, expected_logits = numpy_decode(config, weights, prompt_ids, STEPS)
     assert result.token_ids == expected_tokens
     # logits of every step, through the runtime's own cache
     generator.cache.reset(1)
@@ -157,3 +166,21 @@ def test_transformers_loading_the_same_gguf_agrees(smollm2):
     ours_tokens = generator.generate(prompt_ids, max_new_tokens=STEPS, use_eos=False).token_ids
     hf_list = hf_tokens.tolist()
     assert ours_tokens[: len(hf_list)] == hf_list
+
+
+def test_int4_export_computes_with_exactly_the_gguf_weights(smollm2, reference_decode, tmp_path):
+    """Lossless Q4_1/Q8_0 → MatMulNBits: with float compute (accuracy_level 0) the int4 graph
+    gives the fp32 reference's greedy tokens, and its prefill logits within 1e-3."""
+    path, _ = smollm2
+    prompt_ids, expected_tokens, expected_logits = reference_decode
+    export(path, tmp_path / "int4", target="ort", precision="int4", accuracy_level=0)
+    generator = Generator(tmp_path / "int4", provider="cpu", cache="plain")
+    graph = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops and "MatMul" in ops  # MatMul: the Q4_1 block offsets
+    result = generator.generate(prompt_ids, max_new_tokens=STEPS, use_eos=False)
+    assert result.token_ids == expected_tokens
+    generator.cache.reset(1)
+    ids = np.array([prompt_ids])
+    first = generator.cache.step(ids, np.ones_like(ids), np.arange(len(prompt_ids))[None])
+    assert_close(first[0, -1], expected_logits[0], 1e-3, "int4 prefill logits")

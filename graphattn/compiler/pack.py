@@ -47,8 +47,8 @@ def _packed_name(names: list[str]) -> str:
     return "+".join([names[0], *tails])
 
 
-def pack_matmuls(graph: ir.Graph, prequantized: dict | None = None) -> int:
-    """Pack every group of ≥ 2 MatMuls sharing an input; returns how many groups."""
+def pack_matmuls(graph: ir.Graph, prequantized: dict | None = None, min_group: int = 2) -> int:
+    """Pack every group of ≥ ``min_group`` MatMuls sharing an input; returns how many."""
     groups: dict[ir.Value, list[ir.Node]] = defaultdict(list)
     for node in graph:
         if _eligible(node):
@@ -57,7 +57,7 @@ def pack_matmuls(graph: ir.Graph, prequantized: dict | None = None) -> int:
     for x, nodes in groups.items():
         weights = [n.inputs[1] for n in nodes]
         tensors = [w.const_value for w in weights]
-        if len(nodes) < 2 or len({(t.shape[0], t.dtype) for t in tensors}) != 1:
+        if len(nodes) < min_group or len({(t.shape[0], t.dtype) for t in tensors}) != 1:
             continue
         names = [w.name for w in weights]
         blocks = None

@@ -1,0 +1,232 @@
+"""graphattn against the field on SmolLM2-135M, in one run, on this machine.
+
+    GRAPHATTN_EXTRAS=gguf,bench bash scripts/setup.sh
+    .venv/bin/python benchmarks/compare.py [--rounds 3] [--prompt-len 512] [--new-tokens 64]
+
+1. Fetch the SmolLM2 GGUF and ``graphattn convert`` it to an HF directory, so every builder
+   starts from the same float weights.
+2. Export with graphattn (portable fp32; ort int4 from the HF directory, round-to-nearest like
+   the others; ort int4 lossless from the GGUF) and with ONNX Runtime GenAI's builder (fp32,
+   int4) when ``onnxruntime_genai`` is importable — each export in its own process, timed,
+   with that process's peak RSS (``os.wait4``).
+3. Time prefill (``--prompt-len`` tokens) and greedy decode for every graph with the same
+   loop (graphattn's plain ``session.run`` cache), rounds interleaved so that machine noise
+   hits every model alike; the median round is kept. llama.cpp runs the GGUF when
+   ``llama_cpp`` is importable.
+4. Print the table and the ratios to ONNX Runtime GenAI at the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of one child process; raises on failure."""
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child never blocks
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        if status != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command[:4])} failed: {log.read().decode()[-500:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def graphattn_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "graphattn", *args]
+
+
+def time_graph(path: Path, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) with graphattn's plain cache loop."""
+    from graphattn.runtime import Generator, SamplingOptions, Timings
+
+    generator = Generator(path, provider="cpu", cache="plain", max_length=len(prompt) + new_tokens)
+    timings = Timings()
+    for _ in generator.token_steps(
+        [prompt],
+        max_new_tokens=new_tokens,
+        options=SamplingOptions(),
+        stop_ids=set(),
+        timings=timings,
+    ):
+        pass
+    t = timings.as_dict()
+    return t["prefill_tokens_per_s"], t["decode_tokens_per_s"]
+
+
+def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int) -> tuple[float, float] | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(
+        str(gguf), n_ctx=len(prompt) + new_tokens + 8, verbose=False, n_threads=os.cpu_count()
+    )
+    started = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    return prefill, new_tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--work", default=None, help="keep the exports in this folder")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from graphattn.exporters.fetch import fetch
+
+    gguf = fetch("smollm2-135m")
+    work = Path(args.work or tempfile.mkdtemp(prefix="graphattn-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf = work / "hf"
+    if not hf.exists():
+        subprocess.run(
+            graphattn_cli("convert", str(gguf), "-o", str(hf)),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    rows: dict[str, dict] = {}
+
+    def export_row(name, precision, command):
+        out = work / "".join(c if c.isalnum() else "-" for c in name)
+        seconds, rss = run_measured(command(out))
+        rows[name] = {
+            "model": name,
+            "precision": precision,
+            "export_s": seconds,
+            "export_peak_rss_mb": rss,
+            "path": out,
+        }
+
+    export_row(
+        "graphattn portable fp32",
+        "fp32",
+        lambda out: graphattn_cli(
+            "export", str(hf), "-o", str(out), "--target", "portable", "--quiet"
+        ),
+    )
+    export_row(
+        "graphattn ort int4",
+        "int4",
+        lambda out: graphattn_cli(
+            "export", str(hf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
+        ),
+    )
+    export_row(
+        "graphattn ort int4 (GGUF lossless)",
+        "int4-gguf",
+        lambda out: graphattn_cli(
+            "export", str(gguf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
+        ),
+    )
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        for precision in ("fp32", "int4"):
+            export_row(
+                f"ORT GenAI builder {precision}",
+                precision,
+                lambda out, p=precision: [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(hf),
+                    "-o",
+                    str(out),
+                    "-p",
+                    p,
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "genai-cache"),
+                ],
+            )
+    except ImportError:
+        print(
+            "onnxruntime-genai is not installed: no GenAI rows (install the bench extra)",
+            file=sys.stderr,
+        )
+
+    vocab = 49152
+    prompt = np.random.default_rng(0).integers(100, vocab, size=args.prompt_len).tolist()
+    speeds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for _ in range(args.rounds):
+        for name, row in rows.items():
+            speeds[name].append(time_graph(row["path"], prompt, args.new_tokens))
+    for name, row in rows.items():
+        row["prefill_tok_s"] = statistics.median(s[0] for s in speeds[name])
+        row["decode_tok_s"] = statistics.median(s[1] for s in speeds[name])
+    cpp = time_llama_cpp(gguf, prompt, args.new_tokens)
+    if cpp is not None:
+        rows["llama.cpp (Q4_1 GGUF)"] = {
+            "model": "llama.cpp (Q4_1 GGUF)",
+            "precision": "int4-gguf",
+            "prefill_tok_s": cpp[0],
+            "decode_tok_s": cpp[1],
+        }
+    report(list(rows.values()), args)
+
+
+def report(rows: list[dict], args) -> None:
+    baseline = {r["precision"]: r for r in rows if r["model"].startswith("ORT GenAI")}
+    baseline["int4-gguf"] = baseline.get("int4")
+    for row in rows:
+        row.pop("path", None)
+        base = baseline.get(row["precision"])
+        if base is not None and row is not base:
+            for key in ("export_s", "export_peak_rss_mb", "prefill_tok_s", "decode_tok_s"):
+                if key in row and key in base:
+                    row[f"{key}_vs_genai"] = row[key] / base[key]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"SmolLM2-135M, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"median of {args.rounds} interleaved rounds, CPU ({os.cpu_count()} cores)"
+    )
+    header = (
+        f"{'model':<36}{'export s':>9}{'peak RSS MB':>12}{'prefill tok/s':>14}"
+        f"{'decode tok/s':>13}   vs GenAI (export, RSS, prefill, decode)"
+    )
+    print(header)
+    for r in rows:
+        ratios = ", ".join(
+            f"{r[k]:.2f}×"
+            for k in (
+                "export_s_vs_genai",
+                "export_peak_rss_mb_vs_genai",
+                "prefill_tok_s_vs_genai",
+                "decode_tok_s_vs_genai",
+            )
+            if k in r
+        )
+        export_s = f"{r['export_s']:.1f}" if "export_s" in r else "-"
+        rss = f"{r['export_peak_rss_mb']:.0f}" if "export_peak_rss_mb" in r else "-"
+        print(
+            f"{r['model']:<36}{export_s:>9}{rss:>12}{r['prefill_tok_s']:>14.1f}"
+            f"{r['decode_tok_s']:>13.1f}   {ratios}"
+        )
+
+
+if __name__ == "__main__":
+    main()
