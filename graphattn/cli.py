@@ -116,6 +116,11 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="logits for every position (default: the last position only)",
     )
+    parser.add_argument(
+        "--requantize",
+        action="store_true",
+        help="GGUF with int4/int8: quantize afresh (faster) instead of keeping its blocks",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -132,6 +137,7 @@ def _export(args: argparse.Namespace) -> int:
         target=args.target,
         block_size=args.block_size,
         quantize_lm_head=not args.float_lm_head,
+        requantize=args.requantize,
         last_logits_only=not args.all_logits,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
