@@ -67,6 +67,9 @@ def test_target_and_precision_track_fp32_functions(checkpoint, target, precision
     assert not model.functions
     if target == "portable":
         assert domains == {""}
+    ops = {n.op_type for n in model.graph.node}
+    if target == "ort" and name.startswith("llama"):  # residual Add + RMSNorm fused
+        assert "SkipSimplifiedLayerNormalization" in ops
     if precision in ("int4", "int8"):
         ops = {n.op_type for n in model.graph.node}
         assert ("MatMulNBits" in ops) == (target == "ort")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.pack import pack_matmuls
 from graphattn.compiler.portable import lower_portable
 from graphattn.compiler.quantize import Prequantized, quantize_weights
@@ -71,6 +72,8 @@ def compile_model(
         optimize(model)
         prequantized = dict(prequantized or {})
         pack_matmuls(model.graph, prequantized)
+    if options.target == "ort":
+        fuse_skip_rms_norm(model.graph)
     if options.bits is not None:
         quantize_weights(
             model,
