@@ -125,6 +125,11 @@ def main() -> None:
         ),
     )
     export_row(
+        "graphattn ort fp32",
+        "fp32",
+        lambda out: graphattn_cli("export", str(hf), "-o", str(out), "--target", "ort", "--quiet"),
+    )
+    export_row(
         "graphattn ort int4",
         "int4",
         lambda out: graphattn_cli(
