@@ -97,7 +97,7 @@ def _compile(args: argparse.Namespace) -> int:
 @subcommand
 def _export_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a checkpoint (HF directory) to model.onnx + genai_config.json"
+        "export", help="export a checkpoint (HF dir, .gguf, known name) to an ONNX directory"
     )
     parser.add_argument(
         "checkpoint",
