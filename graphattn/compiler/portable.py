@@ -12,6 +12,9 @@ default ONNX domain.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -78,9 +81,37 @@ def lower_to_standard(graph: ir.Graph) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _scoped_inline_names() -> Iterator[None]:
+    """While inlining, name nodes and values after their outermost call site
+    (``layers.3/mlp/gate`` rather than ``n0_14``), so lowered graphs stay readable.
+
+    onnx_ir's inliner keeps the call stack but does not use it for names yet; this hooks its
+    name maker. Where that private hook is missing, inlining proceeds with its own names."""
+    from onnx_ir.passes.common import inliner
+
+    original = getattr(inliner, "_make_unique_name", None)
+    if original is None:
+        yield
+        return
+
+    def scoped(name: str, callstack: list[str], used_names: set[str]) -> str:
+        scope = callstack[0] if callstack else ""
+        if scope and not name.startswith(f"{scope}/"):
+            name = f"{scope}/{name}"
+        return original(name, callstack, used_names)
+
+    inliner._make_unique_name = scoped
+    try:
+        yield
+    finally:
+        inliner._make_unique_name = original
+
+
 def inline_functions(model: ir.Model) -> None:
     """Inline every model-local function call and drop the definitions."""
-    common.InlinePass()(model)
+    with _scoped_inline_names():
+        common.InlinePass()(model)
     common.RemoveUnusedFunctionsPass()(model)
     model.graph.opset_imports.pop(DOMAIN, None)
 
