@@ -2,7 +2,8 @@
 tensor names → HF names, tensors dequantized to float32 one at a time (memory-mapped), and the
 Q/K row permutation that GGUF converters apply for RoPE undone.
 
-Needs the optional ``gguf`` package (``pip install graphattn[gguf]``) to parse the file.
+The file is parsed by :mod:`graphattn.exporters.gguf_format`; the optional ``gguf`` package
+(``pip install graphattn[gguf]``) is needed only for tensor types not decoded here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from graphattn.exporters.gguf_dequant import dequantize, q4_parts, q8_0_parts
+from graphattn.exporters.gguf_format import GGUFFormatError, read_gguf
 from graphattn.exporters.gguf_tokenizer import write_tokenizer_files
 from graphattn.exporters.safetensors_reader import CheckpointError
 
@@ -74,16 +76,6 @@ class GGUFTensor:
     index: int
 
 
-def _field_values(reader) -> dict[str, object]:
-    values = {}
-    for key, field in reader.fields.items():
-        try:
-            values[key] = field.contents()
-        except Exception:  # noqa: BLE001 - an unreadable field is skipped, not fatal
-            continue
-    return values
-
-
 def _require(fields: dict, key: str, path: Path):
     if key not in fields:
         raise CheckpointError(f"{path}: GGUF metadata {key!r} is missing")
@@ -96,32 +88,22 @@ class GGUFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.directory = self.path = Path(path)
         try:
-            from gguf import GGUFReader
-        except ImportError:
-            raise CheckpointError(
-                f"{self.path}: reading GGUF needs the gguf extra (pip install 'graphattn[gguf]')"
-            ) from None
-        try:
-            self._reader = GGUFReader(str(self.path), "r")
-        except Exception as error:  # noqa: BLE001 - the reader raises many types on bad files
-            detail = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({detail})") from None
-        self.fields = _field_values(self._reader)
+            self._file = read_gguf(self.path)
+        except (GGUFFormatError, OSError) as error:
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({error})") from None
+        self.fields = self._file.fields
         self.config = self._config()
         self.tensors: dict[str, GGUFTensor] = {}
-        for index, tensor in enumerate(self._reader.tensors):
-            name = hf_name(tensor.name)
+        for index, info in enumerate(self._file.tensors):
+            name = hf_name(info.name)
             if name is None:
-                if tensor.name == "rope_freqs.weight":
+                if info.name == "rope_freqs.weight":
                     raise CheckpointError(
                         f"{self.path}: rope_freqs (Llama-3 RoPE) is not supported"
                     )
-                raise CheckpointError(f"{self.path}: unexpected GGUF tensor {tensor.name!r}")
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+                raise CheckpointError(f"{self.path}: unexpected GGUF tensor {info.name!r}")
             self.tensors[name] = GGUFTensor(
-                self.path, tensor.name, tensor.tensor_type.name, shape, int(tensor.n_bytes), index
+                self.path, info.name, info.kind, info.shape, info.nbytes, index
             )
         self.config["tie_word_embeddings"] = "lm_head.weight" not in self.tensors
 
@@ -172,7 +154,13 @@ class GGUFCheckpoint:
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes/values of tensor ``name`` (memory-mapped), rows first."""
-        return self._reader.tensors[self.tensors[name].index].data
+        tensor = self.tensors[name]
+        if tensor.nbytes == 0:
+            raise CheckpointError(
+                f"{self.path}: tensor {tensor.gguf_name!r}: tensor type {tensor.kind} is not"
+                " supported (install the gguf extra for more types)"
+            )
+        return self._file.array(self._file.tensors[tensor.index])
 
     def load(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32 with HF layout (q/k rows un-permuted)."""
