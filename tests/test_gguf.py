@@ -223,3 +223,26 @@ def test_unsupported_architecture_and_tensor_type(tmp_path):
     checkpoint = GGUFCheckpoint(tmp_path / "odd.gguf")
     with pytest.raises(CheckpointError, match=re.escape("'token_embd.weight': tensor type Q8_1")):
         checkpoint.load("model.embed_tokens.weight")
+
+
+def test_parser_agrees_with_the_gguf_package(tiny_gguf):
+    """Our GGUF parser reads the same metadata and tensor bytes as gguf.GGUFReader."""
+    from gguf import GGUFReader
+
+    from graphattn.exporters.gguf_format import read_gguf
+
+    root, _, _ = tiny_gguf
+    ours = read_gguf(root / "tiny.gguf")
+    theirs = GGUFReader(str(root / "tiny.gguf"))
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF."):
+            expected = field.contents()
+            got = ours.fields[key]
+            assert got == pytest.approx(expected) if isinstance(got, float) else got == expected, (
+                key
+            )
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for info, tensor in zip(ours.tensors, theirs.tensors):
+        assert info.kind == tensor.tensor_type.name
+        mine = np.asarray(ours.array(info)).reshape(-1).view(np.uint8)
+        assert np.array_equal(mine, np.asarray(tensor.data).reshape(-1).view(np.uint8)), info.name
