@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphattn.compiler.rewrite import attribute
+from graphattn.compiler.rewrite import attribute, cast_like, take_over
 from graphattn.ops.domain import DOMAIN
 
 _SDPA = ("ScaledDotProductAttention", "ScaledDotProductAttentionSoftcap")
@@ -40,21 +40,6 @@ def _unrotated(value: ir.Value):
     return split, rotary
 
 
-def _rename(old: ir.Value, new: ir.Value) -> None:
-    name, value_type, shape = old.name, old.type, old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name, new.type, new.shape = name, value_type, shape
-
-
-def _like(graph: ir.Graph, anchor: ir.Node, value: ir.Value, like: ir.Value, name: str):
-    """``CastLike(value, like)`` inserted before ``anchor`` (fp16 graphs: float32 cos/sin/bias)."""
-    node = ir.node("CastLike", [value, like], name=name)
-    node.outputs[0].name = name
-    graph.insert_before(anchor, node)
-    return node.outputs[0]
-
-
 def _rotate(graph, anchor, rotary, x_BSC, heads, rotary_dim, name, float32):
     if rotary is None:
         return x_BSC
@@ -65,8 +50,8 @@ def _rotate(graph, anchor, rotary, x_BSC, heads, rotary_dim, name, float32):
     }
     cos, sin = rotary.inputs[1], rotary.inputs[2]
     if not float32:
-        cos = _like(graph, anchor, cos, x_BSC, f"{name}/cos")
-        sin = _like(graph, anchor, sin, x_BSC, f"{name}/sin")
+        cos = cast_like(graph, anchor, cos, x_BSC, f"{name}/cos")
+        sin = cast_like(graph, anchor, sin, x_BSC, f"{name}/sin")
     node = ir.node("RotaryEmbedding", [x_BSC, cos, sin], attrs, name=name)
     node.outputs[0].name = name
     graph.insert_before(anchor, node)
@@ -115,7 +100,7 @@ def fuse_attention_blocks(graph: ir.Graph, rotary_dim_of, float32: bool = True) 
             float32,
         )
         if not float32:
-            bias = _like(graph, node, bias, q, f"{scope}/bias")
+            bias = cast_like(graph, node, bias, q, f"{scope}/bias")
         attrs = {
             "q_num_heads": heads,
             "kv_num_heads": kv_heads,
@@ -132,9 +117,9 @@ def fuse_attention_blocks(graph: ir.Graph, rotary_dim_of, float32: bool = True) 
             name=scope,
         )
         graph.insert_before(node, attention)
-        _rename(merge.outputs[0], attention.outputs[0])
-        _rename(key_concat.outputs[0], attention.outputs[1])
-        _rename(value_concat.outputs[0], attention.outputs[2])
+        take_over(merge.outputs[0], attention.outputs[0])
+        take_over(key_concat.outputs[0], attention.outputs[1])
+        take_over(value_concat.outputs[0], attention.outputs[2])
         dead = [merge, node, key_concat, value_concat, q_split, k_split, v_split]
         dead += [r for r in (q_rotary, k_rotary) if r is not None]
         for old in dead:

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphattn.compiler.rewrite import attribute
+from graphattn.compiler.rewrite import attribute, take_over
 
 MS_DOMAIN = "com.microsoft"
-
-
-def _rename(old: ir.Value, new: ir.Value) -> None:
-    name, value_type, shape = old.name, old.type, old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name, new.type, new.shape = name, value_type, shape
 
 
 def fuse_skip_rms_norm(graph: ir.Graph) -> int:
@@ -46,8 +39,8 @@ def fuse_skip_rms_norm(graph: ir.Graph) -> int:
         for index, suffix in enumerate(("output", "mean", "inv_std_var", "sum")):
             fused.outputs[index].name = f"{norm.name}/skip_norm_{suffix}"
         graph.insert_before(add, fused)
-        _rename(norm.outputs[0], fused.outputs[0])
-        _rename(add.outputs[0], fused.outputs[3])
+        take_over(norm.outputs[0], fused.outputs[0])
+        take_over(add.outputs[0], fused.outputs[3])
         graph.remove([norm, add], safe=True)
         count += 1
     if count:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.blockquant import BlockQuantized
+from graphattn.compiler.rewrite import add_initializer, take_over
 
 
 def _eligible(node: ir.Node) -> bool:
@@ -75,16 +76,9 @@ def pack_matmuls(graph: ir.Graph, prequantized: dict | None = None, min_group: i
 
         shape = ir.Shape([tensors[0].shape[0], sum(widths)])
         lazy = ir.LazyTensor(load, dtype=tensors[0].dtype, shape=shape, name=name)
-        weight = ir.Value(name=name, type=ir.TensorType(lazy.dtype), shape=shape, const_value=lazy)
-        graph.register_initializer(weight)
+        weight = add_initializer(graph, lazy)
         sizes = ir.tensor(np.array(widths, dtype=np.int64), name=f"{name}.split")
-        split_sizes = ir.Value(
-            name=sizes.name,
-            type=ir.TensorType(sizes.dtype),
-            shape=ir.Shape([len(widths)]),
-            const_value=sizes,
-        )
-        graph.register_initializer(split_sizes)
+        split_sizes = add_initializer(graph, sizes)
         scope = f"{nodes[0].name}/packed"
         matmul = ir.node("MatMul", [x, weight], name=scope)
         matmul.outputs[0].name = f"{name}/output"
@@ -97,11 +91,7 @@ def pack_matmuls(graph: ir.Graph, prequantized: dict | None = None, min_group: i
         )
         graph.insert_before(nodes[0], [matmul, split])
         for node, part in zip(nodes, split.outputs):
-            old = node.outputs[0]
-            old_name, value_type, old_shape = old.name, old.type, old.shape
-            old.replace_all_uses_with(part, replace_graph_outputs=True)
-            old.name = None
-            part.name, part.type, part.shape = old_name, value_type, old_shape
+            take_over(node.outputs[0], part)
             graph.remove(node, safe=True)
         for value in weights:
             if not value.uses():

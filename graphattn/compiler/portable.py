@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from graphattn.compiler.attention3d import fuse_attention_blocks
-from graphattn.compiler.rewrite import attribute, replace_node
+from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
 
 
@@ -41,14 +41,6 @@ def _float_dtype(graph: ir.Graph) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def _cast_like(graph: ir.Graph, node: ir.Node, index: int, like: ir.Value) -> ir.Value:
-    """Insert ``CastLike(node.inputs[index], like)`` before ``node`` (a no-op in fp32 that the
-    optimizer removes; it matters for fp16 graphs whose cos/sin and bias are float32)."""
-    cast = ir.node("CastLike", [node.inputs[index], like], name=f"{node.name}/cast_{index}")
-    graph.insert_before(node, cast)
-    return cast.outputs[0]
-
-
 def lower_to_standard(graph: ir.Graph) -> int:
     """Replace graphattn calls that have a standard equivalent; returns how many."""
     float32 = _float_dtype(graph) == ir.DataType.FLOAT
@@ -61,7 +53,8 @@ def lower_to_standard(graph: ir.Graph) -> int:
             if node.op_type.endswith("Softcap"):
                 attrs["softcap"] = float(attribute(node, "softcap"))
             query, key, value, bias = node.inputs[:4]
-            bias = bias if float32 else _cast_like(graph, node, 3, query)
+            if not float32:
+                bias = cast_like(graph, node, bias, query, f"{node.name}/bias")
             replace_node(graph, node, "Attention", [query, key, value, bias], attrs, num_outputs=1)
         elif node.op_type in ("RotaryHalves", "RotaryInterleaved"):
             attrs = {
@@ -70,7 +63,8 @@ def lower_to_standard(graph: ir.Graph) -> int:
             }
             x, cos, sin = node.inputs[:3]
             if not float32:
-                cos, sin = _cast_like(graph, node, 1, x), _cast_like(graph, node, 2, x)
+                cos = cast_like(graph, node, cos, x, f"{node.name}/cos")
+                sin = cast_like(graph, node, sin, x, f"{node.name}/sin")
             replace_node(graph, node, "RotaryEmbedding", [x, cos, sin], attrs)
         elif node.op_type == "RMSNorm":
             attrs = {"axis": -1, "epsilon": float(attribute(node, "epsilon")), "stash_type": 1}

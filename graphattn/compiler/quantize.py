@@ -20,22 +20,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.blockquant import BlockQuantized, pack_matmul_nbits, quantize_columns
-from graphattn.compiler.rewrite import attribute, replace_node
+from graphattn.compiler.rewrite import add_initializer, attribute, replace_node, take_over
 
 Prequantized = Mapping[str, Callable[[], BlockQuantized]]
 MS_DOMAIN = "com.microsoft"
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(
-        name=name,
-        type=ir.TensorType(tensor.dtype),
-        shape=ir.Shape(tensor.shape),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, ir.tensor(array, name=name))
 
 
 def _weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
@@ -146,11 +138,7 @@ def _matmul_nbits_with_offsets(
     for new in new_nodes:
         new.outputs[0].name = new.name
     graph.insert_before(node, new_nodes)
-    old = node.outputs[0]
-    name, value_type, shape = old.name, old.type, old.shape
-    old.replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
-    old.name = None
-    total.outputs[0].name, total.outputs[0].type, total.outputs[0].shape = name, value_type, shape
+    take_over(node.outputs[0], total.outputs[0])
     graph.remove(node, safe=True)
 
 
@@ -183,12 +171,7 @@ def _lower_standard(
             np.ascontiguousarray(zero).astype(numpy_dtype), dtype=dtype, name=f"{base}.zero_point"
         ),
     )
-    values = [
-        ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=ir.Shape(t.shape), const_value=t)
-        for t in tensors
-    ]
-    for value in values:
-        graph.register_initializer(value)
+    values = [add_initializer(graph, t) for t in tensors]
     dequantized = ir.node(
         "DequantizeLinear",
         values,

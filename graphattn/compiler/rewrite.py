@@ -13,6 +13,35 @@ def attribute(node: ir.Node, name: str, default=None):
     return default if attr is None else attr.value
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` takes over ``old``'s uses (graph outputs included), name, type and shape."""
+    name, value_type, shape = old.name, old.type, old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name, new.type, new.shape = name, value_type, shape
+
+
+def add_initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` (named) as a graph initializer; returns its value."""
+    value = ir.Value(
+        name=tensor.name,
+        type=ir.TensorType(tensor.dtype),
+        shape=ir.Shape(tensor.shape),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def cast_like(graph: ir.Graph, anchor: ir.Node, value: ir.Value, like: ir.Value, name: str):
+    """``CastLike(value, like)`` inserted before ``anchor`` (fp16 graphs: their cos/sin and
+    attention bias are float32)."""
+    node = ir.node("CastLike", [value, like], name=name)
+    node.outputs[0].name = name
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
+
+
 def replace_node(
     graph: ir.Graph,
     old: ir.Node,
@@ -35,19 +64,6 @@ def replace_node(
     )
     graph.insert_before(old, new)
     for old_value, new_value in zip(old.outputs, new.outputs):
-        name, value_type, shape = old_value.name, old_value.type, old_value.shape
-        old_value.replace_all_uses_with(new_value, replace_graph_outputs=True)
-        old_value.name = None
-        new_value.name, new_value.type, new_value.shape = name, value_type, shape
+        take_over(old_value, new_value)
     graph.remove(old, safe=True)
     return new
-
-
-def producer_constant(value: ir.Value) -> ir.TensorProtocol | None:
-    """The constant tensor behind ``value`` (an initializer), if any."""
-    return value.const_value
-
-
-def uses(value: ir.Value) -> list[ir.Node]:
-    """Nodes consuming ``value``."""
-    return [user for user, _ in value.uses()]
