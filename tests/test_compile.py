@@ -188,3 +188,44 @@ def test_lossless_gguf_blocks(tmp_path):
     )
     # the int4 export computes with exactly the GGUF's weights: same logits as its fp32 export
     assert_close(all_logits(tmp_path / "int4"), all_logits(tmp_path / "fp32"), 1e-4, "int4 vs fp32")
+
+
+def test_op_by_op_lowering_of_a_graph_outside_the_decoder_pattern():
+    """SDPA / rotary / RMSNorm on 4-D tensors built directly (no SplitHeads, no Concat):
+    the per-op fallback gives standard Attention, RotaryEmbedding and RMSNormalization that
+    compute what the functions graph computes."""
+    import onnx_ir as ir
+    from harness import build, run_both
+
+    from graphattn import ops
+    from graphattn.compiler.portable import lower_portable
+
+    rng = np.random.default_rng(4)
+    feeds = {
+        "q": rng.standard_normal((2, 4, 5, 16), dtype=np.float32),
+        "k": rng.standard_normal((2, 2, 5, 16), dtype=np.float32),
+        "v": rng.standard_normal((2, 2, 5, 16), dtype=np.float32),
+        "w": rng.standard_normal((16,), dtype=np.float32),
+        "position_ids": np.tile(np.arange(5), (2, 1)).astype(np.int64),
+    }
+
+    def body(g, x):
+        cos, sin = ops.rotary_cos_sin(g, x["position_ids"], rotary_dim=8, theta=10000.0)
+        q = ops.apply_rotary(g, x["q"], cos, sin, head_dim=16, rotary_dim=8, name="q_rotary")
+        q = ops.rms_norm(g, q, x["w"], epsilon=1e-6, name="q_norm")
+        out, _, _ = ops.grouped_query_attention(
+            g, q, x["k"], x["v"], num_heads=4, kv_heads=2, head_dim=16, causal=True, window=3
+        )
+        return {"out": out}
+
+    proto = build(body, feeds)
+    expected, _ = run_both(proto, feeds)
+    model = ir.serde.deserialize_model(proto)
+    lower_portable(model)
+    lowered = ir.serde.serialize_model(model)
+    op_types = {n.op_type for n in lowered.graph.node}
+    assert {"Attention", "RotaryEmbedding", "RMSNormalization"} <= op_types
+    assert {n.domain for n in lowered.graph.node} == {""} and not lowered.functions
+    from_ort, from_interpreter = run_both(lowered, feeds)
+    assert_close(from_ort["out"], expected["out"].astype(np.float64), 1e-5, "onnxruntime")
+    assert_close(from_interpreter["out"], expected["out"].astype(np.float64), 1e-5, "interpreter")
