@@ -51,12 +51,24 @@ class Checkpoint:
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """Copy the tokenizer files present into ``out_dir``; returns their names."""
-        copied = []
-        for name in TOKENIZER_FILES:
-            if (self.directory / name).is_file():
-                shutil.copyfile(self.directory / name, out_dir / name)
-                copied.append(name)
-        return copied
+        return copy_present(self.directory, out_dir, TOKENIZER_FILES)
+
+
+def pickle_refused(path: Path) -> CheckpointError:
+    """The error for a pickle checkpoint, which is never opened."""
+    return CheckpointError(
+        f"{path}: pickle checkpoints are refused (never unpickled); convert it to safetensors first"
+    )
+
+
+def copy_present(source_dir: Path, out_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy those of ``names`` that exist in ``source_dir`` into ``out_dir``; returns them."""
+    copied = []
+    for name in names:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
 
 
 def _read_json(path: Path) -> dict:
@@ -93,10 +105,7 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         else:
             pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
-                raise CheckpointError(
-                    f"{directory / pickles[0]}: pickle checkpoints are refused (never unpickled);"
-                    " convert it to safetensors first"
-                )
+                raise pickle_refused(directory / pickles[0])
             raise CheckpointError(f"{directory}: no model.safetensors or index found")
     return Checkpoint(directory, config, tensors)
 

@@ -21,7 +21,12 @@ import onnx_ir as ir
 
 from graphattn.builder import build_decoder
 from graphattn.compiler import CompileOptions, compile_model
-from graphattn.exporters.checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from graphattn.exporters.checkpoint import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    open_checkpoint,
+    pickle_refused,
+)
 from graphattn.exporters.genai_config import genai_config
 from graphattn.exporters.output_dir import staged_directory
 from graphattn.exporters.safetensors_reader import CheckpointError
@@ -68,7 +73,7 @@ def open_source(checkpoint: str | Path):
 
             return GGUFCheckpoint(path)
         if path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(f"{path}: pickle checkpoints are refused (never unpickled)")
+            raise pickle_refused(path)
         raise CheckpointError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     return open_checkpoint(path)
 

@@ -123,6 +123,10 @@ class GGUFCheckpoint:
         hidden = int(_require(f, "llama.embedding_length", path))
         tokens = f.get("tokenizer.ggml.tokens")
         vocab = f.get("llama.vocab_size", len(tokens) if tokens is not None else None)
+        if vocab is None:
+            raise CheckpointError(
+                f"{path}: GGUF metadata 'llama.vocab_size' (or tokenizer.ggml.tokens) is missing"
+            )
         config = {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],
@@ -135,7 +139,7 @@ class GGUFCheckpoint:
             "max_position_embeddings": int(f.get("llama.context_length", 2048)),
             "rms_norm_eps": float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             "rope_theta": float(f.get("llama.rope.freq_base", 10000.0)),
-            "vocab_size": int(_require({"vocab": vocab} if vocab else {}, "vocab", path)),
+            "vocab_size": int(vocab),
             "hidden_act": "silu",
             "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import onnx_ir as ir
 
 from graphattn.compiler.pipeline import CompileOptions, compile_model
-from graphattn.exporters.checkpoint import TOKENIZER_FILES
-from graphattn.exporters.export import DATA_FILE, MODEL_FILE, save_model
+from graphattn.exporters.checkpoint import TOKENIZER_FILES, copy_present
+from graphattn.exporters.export import MODEL_FILE, save_model
 from graphattn.exporters.output_dir import staged_directory
 
 
@@ -28,10 +27,5 @@ def compile_export(in_dir: str | Path, out_dir: str | Path, options: CompileOpti
     compile_model(model, options)
     with staged_directory(out_dir) as staging:
         save_model(model, staging)
-        for name in ("genai_config.json", *TOKENIZER_FILES):
-            if (in_dir / name).is_file():
-                shutil.copyfile(in_dir / name, staging / name)
+        copy_present(in_dir, staging, ("genai_config.json", *TOKENIZER_FILES))
     return out_dir.absolute() / MODEL_FILE
-
-
-__all__ = ["DATA_FILE", "compile_export"]
