@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graphattn.builder import build_decoder
 from graphattn.compiler import CompileOptions, compile_model
+from graphattn.compiler.pipeline import KV_BUFFER_KEY
 from graphattn.exporters.checkpoint import (
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -222,7 +223,11 @@ def export(
 
     with staged_directory(out_dir) as staging:
         save_model(model, staging, callback)
-        config = genai_config(cfg, architecture.genai_type or cfg.model_type)
+        config = genai_config(
+            cfg,
+            architecture.genai_type or cfg.model_type,
+            share_buffer=model.metadata_props.get(KV_BUFFER_KEY) == "shared",
+        )
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = source.write_tokenizer(staging)
     out = Path(out_dir).absolute()

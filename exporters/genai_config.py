@@ -5,8 +5,11 @@ from __future__ import annotations
 from graphattn.spec import ModelConfig
 
 
-def genai_config(cfg: ModelConfig, genai_type: str, filename: str = "model.onnx") -> dict:
-    """The config dict for one decoder export (greedy search defaults, context-length max)."""
+def genai_config(
+    cfg: ModelConfig, genai_type: str, filename: str = "model.onnx", share_buffer: bool = False
+) -> dict:
+    """The config dict for one decoder export (greedy search defaults, context-length max).
+    ``share_buffer``: the graph's attention appends into its past buffer in place."""
     eos = cfg.eos_token_id
     pad = cfg.pad_token_id
     if pad is None:
@@ -51,7 +54,7 @@ def genai_config(cfg: ModelConfig, genai_type: str, filename: str = "model.onnx"
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -170,4 +170,6 @@ def build_decoder(
     for i, (present_key, present_value) in enumerate(presents):
         g.output(present_key, f"present.{i}.key", dtype, present_shape)
         g.output(present_value, f"present.{i}.value", dtype, present_shape)
-    return g.model(producer_version=__version__)
+    model = g.model(producer_version=__version__)
+    model.metadata_props["graphattn.context_length"] = str(cfg.context_length)
+    return model

@@ -222,7 +222,12 @@ def _generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    parser.add_argument("--cache", choices=["bound", "plain"], default="bound")
+    parser.add_argument(
+        "--cache",
+        choices=["auto", "shared", "bound", "plain"],
+        default="auto",
+        help="KV cache mode (auto: shared where the graph supports it, else bound)",
+    )
     _runtime_options(parser)
     parser.set_defaults(run=_generate)
 
@@ -269,7 +274,12 @@ def _bench_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("export_dir")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--cache", choices=["both", "bound", "plain"], default="both")
+    parser.add_argument(
+        "--cache",
+        choices=["all", "shared", "bound", "plain"],
+        default="all",
+        help="cache modes to time (all: every mode the graph supports)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cache (best kept)")
     parser.add_argument("--json", action="store_true")
     _runtime_options(parser)
@@ -281,7 +291,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from graphattn.runtime.bench import bench, format_table
 
-    caches = ("bound", "plain") if args.cache == "both" else (args.cache,)
+    caches = None if args.cache == "all" else (args.cache,)
     rows = bench(
         args.export_dir,
         prompt_len=args.prompt_len,

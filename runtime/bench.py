@@ -22,11 +22,14 @@ def bench(
     new_tokens: int = 64,
     provider: str = "auto",
     threads: int | None = None,
-    caches: tuple[str, ...] = ("bound", "plain"),
+    caches: tuple[str, ...] | None = None,
     repeats: int = 1,
 ) -> list[dict]:
-    """One row per cache mode: prefill/decode tokens/s, time to first token, peak RSS."""
+    """One row per cache mode (None: every mode the graph supports): prefill/decode tokens/s,
+    time to first token, peak RSS."""
     model = ModelSession(path, provider=provider, threads=threads)
+    if caches is None:
+        caches = ("shared", "bound", "plain") if model.shares_kv_buffer else ("bound", "plain")
     vocab = model.config.vocab_size or 1000
     prompt = np.random.default_rng(0).integers(0, vocab, size=prompt_len).tolist()
     rows = []

@@ -32,6 +32,7 @@ class DecoderConfig:
     present_key: str = "present.%d.key"
     present_value: str = "present.%d.value"
     model_type: str = ""
+    share_buffer: bool = False  # past and present may be one buffer (GroupQueryAttention)
     extra: dict = field(default_factory=dict)
 
 
@@ -85,6 +86,7 @@ def from_genai_config(model: Path, config_path: Path) -> DecoderConfig:
             present_key=outputs.get("present_key_names", "present.%d.key"),
             present_value=outputs.get("present_value_names", "present.%d.value"),
             model_type=str(m.get("type", "")),
+            share_buffer=bool(data.get("search", {}).get("past_present_share_buffer", False)),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelLoadError(f"{config_path}: not a valid genai_config.json ({error!r})") from None

@@ -78,7 +78,9 @@ def positions(mask: np.ndarray, new: int) -> np.ndarray:
 class Generator:
     """Generation over a :class:`ModelSession` with a KV cache of ``max_length`` tokens.
 
-    ``cache``: ``"bound"`` (preallocated, IOBinding, device-resident) or ``"plain"``.
+    ``cache``: ``"auto"`` (``"shared"`` where the graph can append in place, else
+    ``"bound"``), ``"shared"`` (one buffer per layer for past and present), ``"bound"``
+    (preallocated, IOBinding, device-resident, two buffers in turn) or ``"plain"``.
     """
 
     def __init__(
@@ -88,7 +90,7 @@ class Generator:
         provider: str = "auto",
         threads: int | None = None,
         max_length: int | None = None,
-        cache: str = "bound",
+        cache: str = "auto",
     ) -> None:
         self.model = (
             model
@@ -102,8 +104,15 @@ class Generator:
                 f"max_length {max_length} exceeds the model's context {context}"
             )
         self.max_length = max_length or context or 2048
+        if cache == "auto":
+            cache = "shared" if self.model.shares_kv_buffer else "bound"
         if cache not in CACHES:
-            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+            raise ValueError(f"cache must be one of auto, {', '.join(CACHES)}, got {cache!r}")
+        if cache == "shared" and not self.model.shares_kv_buffer:
+            raise ValueError(
+                f"{cfg.model_path}: cache 'shared' needs a graph whose attention appends in place"
+                " (an ort-target export with GroupQueryAttention)"
+            )
         self.cache = CACHES[cache](self.model, self.max_length)
         directory = cfg.model_path.parent
         self.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None

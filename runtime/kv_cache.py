@@ -8,6 +8,10 @@ refuse, before running, a step that would pass ``capacity``.
   to the host and no step allocates. Our graphs build each present with a Concat of past and
   new, which cannot write into its own input, so every layer has two buffers per key/value
   used in turn: step t reads its past from one and writes its present into the other.
+- :class:`SharedCache`: for graphs whose attention writes the new keys into its past buffer
+  (GroupQueryAttention, ``past_present_share_buffer`` in ``genai_config.json``): one
+  ``[B, Hkv, capacity, D]`` buffer per key/value and layer, bound as both past and present, so
+  a step copies nothing but its own new keys.
 """
 
 from __future__ import annotations
@@ -43,6 +47,52 @@ class _Cache:
             feeds["position_ids"] = position_ids
         return feeds
 
+    def _allocate(self, batch: int, copies: int) -> list:
+        """``[layer][copy][key/value]`` OrtValues ``[batch, kv_heads, capacity, head_dim]`` on
+        the session's device (reused while the batch size stays the same)."""
+        cfg = self.model.config
+        shape = [batch, cfg.kv_heads, self.capacity, cfg.head_dim]
+        if self.batch != batch or not hasattr(self, "buffers"):
+            self.buffers = [
+                [
+                    [
+                        ort.OrtValue.ortvalue_from_shape_and_type(
+                            shape, self.model.kv_dtype, self.model.device, 0
+                        )
+                        for _ in range(2)  # key, value
+                    ]
+                    for _ in range(copies)
+                ]
+                for _ in range(cfg.num_layers)
+            ]
+        return self.buffers
+
+    def _bound(self, input_ids, attention_mask, position_ids):
+        """A cleared IOBinding with the token inputs and the host logits output bound."""
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        io.bind_output("logits", "cpu")
+        return io
+
+    def _cached(self, buffers: list) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``length`` positions of one layer's key and value buffers, where the
+        buffers hold ``[batch, kv_heads, length, head_dim]`` contiguously (``packed``) or
+        ``[batch, kv_heads, capacity, head_dim]``."""
+        cfg = self.model.config
+        out = []
+        for part in range(2):
+            full = buffers[part].numpy()
+            if self.packed:
+                count = self.batch * cfg.kv_heads * self.length * cfg.head_dim
+                flat = full.reshape(-1)[:count]
+                out.append(flat.reshape(self.batch, cfg.kv_heads, self.length, cfg.head_dim))
+            else:
+                out.append(full[:, :, : self.length])
+        return out[0], out[1]
+
 
 class PlainCache(_Cache):
     """History as NumPy arrays passed through ``session.run``."""
@@ -76,24 +126,12 @@ class BoundCache(_Cache):
     """Preallocated per-layer buffers on the session's device, bound through IOBinding."""
 
     name = "bound"
+    packed = True
 
     def reset(self, batch: int) -> None:
-        """Allocate (or reuse) ``[batch, kv_heads, capacity, head_dim]`` buffers."""
-        cfg, device = self.model.config, self.model.device
-        shape = [batch, cfg.kv_heads, self.capacity, cfg.head_dim]
-        if self.batch != batch or not hasattr(self, "buffers"):
-            self.buffers = [
-                [
-                    [
-                        ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape, self.model.kv_dtype, device, 0
-                        )
-                        for _ in range(2)
-                    ]  # key, value
-                    for _ in range(2)  # the two turns
-                ]
-                for _ in range(cfg.num_layers)
-            ]
+        """Allocate (or reuse) two ``[batch, kv_heads, capacity, head_dim]`` buffers per
+        key/value and layer."""
+        self._allocate(batch, copies=2)
         self.binding = self.model.session.io_binding()
         self.turn, self.length, self.batch = 0, 0, batch
 
@@ -104,30 +142,14 @@ class BoundCache(_Cache):
         batch, new = input_ids.shape
         past_shape = [batch, cfg.kv_heads, self.length, cfg.head_dim]
         present_shape = [batch, cfg.kv_heads, self.length + new, cfg.head_dim]
-        io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
-            io.bind_cpu_input(name, np.ascontiguousarray(array))
-        io.bind_output("logits", "cpu")
+        io = self._bound(input_ids, attention_mask, position_ids)
         for layer in range(cfg.num_layers):
             read, write = self.buffers[layer][self.turn], self.buffers[layer][1 - self.turn]
+            pasts, presents = self.model.past_names(layer), self.model.present_names(layer)
             for part in range(2):
-                io.bind_input(
-                    self.model.past_names(layer)[part],
-                    device,
-                    0,
-                    dtype,
-                    past_shape,
-                    read[part].data_ptr(),
-                )
+                io.bind_input(pasts[part], device, 0, dtype, past_shape, read[part].data_ptr())
                 io.bind_output(
-                    self.model.present_names(layer)[part],
-                    device,
-                    0,
-                    dtype,
-                    present_shape,
-                    write[part].data_ptr(),
+                    presents[part], device, 0, dtype, present_shape, write[part].data_ptr()
                 )
         self.model.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
@@ -136,14 +158,39 @@ class BoundCache(_Cache):
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The cached key and value of one layer as host arrays (for tests and debugging)."""
-        cfg = self.model.config
-        out = []
-        for part in range(2):
-            full = self.buffers[index][self.turn][part].numpy()
-            count = self.batch * cfg.kv_heads * self.length * cfg.head_dim
-            flat = full.reshape(-1)[:count]
-            out.append(flat.reshape(self.batch, cfg.kv_heads, self.length, cfg.head_dim))
-        return out[0], out[1]
+        return self._cached(self.buffers[index][self.turn])
 
 
-CACHES = {"bound": BoundCache, "plain": PlainCache}
+class SharedCache(_Cache):
+    """One buffer per key/value and layer, bound as both past and present (the graph's
+    attention appends in place at each row's ``seqlens_k``)."""
+
+    name = "shared"
+    packed = False
+
+    def reset(self, batch: int) -> None:
+        """Allocate (or reuse) one ``[batch, kv_heads, capacity, head_dim]`` buffer per
+        key/value and layer."""
+        self._allocate(batch, copies=1)
+        self.binding = self.model.session.io_binding()
+        self.length, self.batch = 0, batch
+
+    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+        self._check(input_ids.shape[1])
+        io = self._bound(input_ids, attention_mask, position_ids)
+        for layer, (buffers,) in enumerate(self.buffers):
+            for part in range(2):
+                io.bind_ortvalue_input(self.model.past_names(layer)[part], buffers[part])
+                io.bind_ortvalue_output(self.model.present_names(layer)[part], buffers[part])
+        self.model.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        self.length += input_ids.shape[1]
+        return logits
+
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cached key and value of one layer as host arrays (for tests and debugging)."""
+        return self._cached(self.buffers[index][0])
+
+
+CACHES = {"bound": BoundCache, "plain": PlainCache, "shared": SharedCache}

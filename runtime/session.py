@@ -43,10 +43,15 @@ def _providers(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+KV_BUFFER_KEY = "graphattn.kv_buffer"  # model metadata: "shared" when past/present may alias
+
+
 class ModelSession:
     """An onnxruntime session over one exported decoder plus its :class:`DecoderConfig`.
 
     ``device`` is ``"cuda"`` when the CUDA provider actually loaded, else ``"cpu"``.
+    ``shares_kv_buffer``: the graph's attention can append into its past buffer in place
+    (``past_present_share_buffer`` in genai_config.json, or our model metadata).
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class ModelSession:
         first_past = next(i for i in inputs if i.name == self.past_names(0)[0])
         self.kv_dtype = numpy_dtype(first_past.type)
         self.has_position_ids = "position_ids" in self.input_names
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.shares_kv_buffer = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
 
     def past_names(self, layer: int) -> tuple[str, str]:
         """(past key input, past value input) names of ``layer``."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx_ir as ir
 
-from graphattn.compiler.pipeline import CompileOptions, compile_model
+from graphattn.compiler.pipeline import KV_BUFFER_KEY, CompileOptions, compile_model
 from graphattn.exporters.checkpoint import TOKENIZER_FILES, copy_present
 from graphattn.exporters.export import MODEL_FILE, save_model
 from graphattn.exporters.output_dir import staged_directory
@@ -27,5 +28,11 @@ def compile_export(in_dir: str | Path, out_dir: str | Path, options: CompileOpti
     compile_model(model, options)
     with staged_directory(out_dir) as staging:
         save_model(model, staging)
-        copy_present(in_dir, staging, ("genai_config.json", *TOKENIZER_FILES))
+        copy_present(in_dir, staging, TOKENIZER_FILES)
+        config_path = in_dir / "genai_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            shared = model.metadata_props.get(KV_BUFFER_KEY) == "shared"
+            config.setdefault("search", {})["past_present_share_buffer"] = shared
+            (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir.absolute() / MODEL_FILE

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphattn.compiler.grouped_query import DEFAULT_CONTEXT, feed_packed_qkv, shares_kv_buffer
 from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.pack import pack_matmuls
 from graphattn.compiler.portable import lower_portable
 from graphattn.compiler.quantize import Prequantized, quantize_weights
 
 TARGETS = ("functions", "portable", "ort")
+CONTEXT_KEY = "graphattn.context_length"
+KV_BUFFER_KEY = "graphattn.kv_buffer"  # "shared": past and present may be one buffer
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
@@ -26,13 +29,15 @@ class CompileOptions:
     """What to compile to. ``block_size`` applies to int4/int8; ``quantize_lm_head`` also
     quantizes the output projection (embeddings stay a float Gather). ``accuracy_level`` is
     MatMulNBits' compute type: 4 = int8 activations (fast on CPU; onnxruntime's int8 weights
-    have no fast path without it), 0 = float."""
+    have no fast path without it), 0 = float. ``grouped_query`` (ort target): attention as
+    GroupQueryAttention with fused RoPE where a block fits, else opset-23 Attention."""
 
     target: str = "portable"
     precision: str = "fp32"
     block_size: int = 32
     quantize_lm_head: bool = True
     accuracy_level: int = 4
+    grouped_query: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -68,11 +73,15 @@ def compile_model(
     ``prequantized`` maps weight initializer names to already-quantized blocks (GGUF) that
     int4/int8 use as they are instead of quantizing the float weights."""
     if options.target in ("portable", "ort"):
-        lower_portable(model)
+        context = None
+        if options.target == "ort" and options.grouped_query:
+            context = int(model.metadata_props.get(CONTEXT_KEY, DEFAULT_CONTEXT))
+        lower_portable(model, grouped_query_context=context)
         optimize(model)
         prequantized = dict(prequantized or {})
         pack_matmuls(model.graph, prequantized)
     if options.target == "ort":
+        feed_packed_qkv(model.graph)
         fuse_skip_rms_norm(model.graph)
     if options.bits is not None:
         quantize_weights(
@@ -85,6 +94,8 @@ def compile_model(
             accuracy_level=options.accuracy_level,
         )
     common.RemoveUnusedNodesPass()(model)
+    if shares_kv_buffer(model):
+        model.metadata_props[KV_BUFFER_KEY] = "shared"
     model.metadata_props["graphattn.target"] = options.target
     model.metadata_props["graphattn.precision"] = options.precision
     return model

@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from graphattn.compiler.attention3d import fuse_attention_blocks
+from graphattn.compiler.grouped_query import fuse_grouped_query_blocks
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
 
@@ -41,10 +42,16 @@ def _float_dtype(graph: ir.Graph) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def lower_to_standard(graph: ir.Graph) -> int:
-    """Replace graphattn calls that have a standard equivalent; returns how many."""
+def lower_to_standard(graph: ir.Graph, grouped_query_context: int | None = None) -> int:
+    """Replace graphattn calls that have a standard equivalent; returns how many.
+
+    ``grouped_query_context``: first lower the attention blocks that fit to
+    ``com.microsoft.GroupQueryAttention`` with cos/sin tables of that many positions."""
     float32 = _float_dtype(graph) == ir.DataType.FLOAT
-    count = fuse_attention_blocks(graph, _rotary_dim, float32)
+    count = 0
+    if grouped_query_context is not None:
+        count += fuse_grouped_query_blocks(graph, grouped_query_context, _float_dtype(graph))
+    count += fuse_attention_blocks(graph, _rotary_dim, float32)
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
@@ -110,8 +117,9 @@ def inline_functions(model: ir.Model) -> None:
     model.graph.opset_imports.pop(DOMAIN, None)
 
 
-def lower_portable(model: ir.Model) -> ir.Model:
-    """The model with standard ops only (in place; also returned)."""
-    lower_to_standard(model.graph)
+def lower_portable(model: ir.Model, grouped_query_context: int | None = None) -> ir.Model:
+    """The model with standard ops only (in place; also returned); with
+    ``grouped_query_context``, attention goes to GroupQueryAttention where it fits."""
+    lower_to_standard(model.graph, grouped_query_context)
     inline_functions(model)
     return model

@@ -1,0 +1,181 @@
+"""Lower decoder attention blocks to ``com.microsoft.GroupQueryAttention`` (target ``ort``).
+
+    SplitHeads → RotaryHalves → Concat(past) → ScaledDotProductAttention → MergeHeads
+becomes one
+    GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
+                        cos_cache, sin_cache, attention_bias=bias, query_seqlens)
+
+with RoPE done inside the kernel (``do_rotary``) from ``[context, R]`` cos/sin tables computed
+here in NumPy, and, after MatMul packing, the packed q/k/v projection fed to it directly
+(:func:`feed_packed_qkv`), so the block has no Split, no RotaryEmbedding and no Concat.
+
+Positions. The kernel rotates the token in cache slot ``t`` by angle ``t·inv_freq``. For a
+left-padded row that is the model's position plus the row's pad count: every query and key of
+the row is shifted by the same amount, and RoPE scores depend only on position differences,
+so the attention is the same (to float rounding) as with ``position_ids``. Pads stay dropped
+by ``attention_bias`` (causality, window and padding; the kernel's own causal mask agrees).
+
+Lengths, computed once per graph from the input shapes (left padding: every row's cache has
+the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
+``query_seqlens[b] = S``. ``query_seqlens`` lets a batch of several rows continue with
+several tokens after a past (CPU refuses that without it).
+
+The KV cache can share one ``[B, Hkv, capacity, D]`` buffer between past and present
+(``past_present_share_buffer``): the kernel then writes the new keys in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphattn.compiler.attention3d import AttentionBlock, match_block
+from graphattn.compiler.rewrite import add_initializer, attribute, cast_like
+
+MS_DOMAIN = "com.microsoft"
+DEFAULT_CONTEXT = 4096
+
+
+def _inverse_frequencies(rotary: ir.Node) -> np.ndarray | None:
+    cos = rotary.inputs[1]
+    producer = cos.producer() if cos is not None else None
+    if producer is None or producer.op_type != "RotaryCosSin":
+        return None
+    inv_freq = producer.inputs[1].const_value
+    return None if inv_freq is None else inv_freq.numpy().astype(np.float64)
+
+
+def _head_dim(block: AttentionBlock) -> int | None:
+    """D from the past key's shape ``[B, Hkv, P, D]`` (a graph input), or None if unknown."""
+    shape = block.pasts[0].shape
+    return shape[-1] if shape is not None and isinstance(shape[-1], int) else None
+
+
+def _rotary_tables(graph: ir.Graph, block: AttentionBlock, context: int, np_dtype):
+    """(cos_cache, sin_cache) ``[context, R]`` initializers shared by every layer, or None
+    when the block's RoPE cannot be read (then it is not lowered)."""
+    inv_freq = _inverse_frequencies(block.q_rotary)
+    if inv_freq is None or _inverse_frequencies(block.k_rotary) is None:
+        return None
+    if len(inv_freq) % 8:
+        return None  # the kernel needs a cos/sin width that is a multiple of 8
+    name = f"rotary.cos_cache.{len(inv_freq)}"
+    if name not in graph.initializers:
+        angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]
+        for kind, table in (("cos", np.cos(angles)), ("sin", np.sin(angles))):
+            tensor = ir.tensor(table.astype(np_dtype), name=f"rotary.{kind}_cache.{len(inv_freq)}")
+            add_initializer(graph, tensor)
+    return (
+        graph.initializers[f"rotary.cos_cache.{len(inv_freq)}"],
+        graph.initializers[f"rotary.sin_cache.{len(inv_freq)}"],
+    )
+
+
+def _lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(seqlens_k [B], total_sequence_length [], query_seqlens [B]) int32, from the shapes of
+    ``attention_mask [B, T]`` and ``input_ids [B, S]``."""
+    inputs = {v.name: v for v in graph.inputs}
+    mask, ids = inputs["attention_mask"], inputs["input_ids"]
+    int32 = ir.DataType.INT32
+    one = add_initializer(graph, ir.tensor(np.array([1], np.int32), name="gqa.one"))
+    axis0 = add_initializer(graph, ir.tensor(np.array([0], np.int64), name="gqa.axis0"))
+    nodes = [
+        ir.node("Shape", [mask], {"start": 0, "end": 1}, name="gqa/batch"),
+        ir.node("Shape", [mask], {"start": 1, "end": 2}, name="gqa/total64"),
+        ir.node("Shape", [ids], {"start": 1, "end": 2}, name="gqa/new64"),
+    ]
+    batch, total64, new64 = (n.outputs[0] for n in nodes)
+    cast_total = ir.node("Cast", [total64], {"to": int32}, name="gqa/total_1")
+    cast_new = ir.node("Cast", [new64], {"to": int32}, name="gqa/new")
+    total_1 = cast_total.outputs[0]
+    last = ir.node("Sub", [total_1, one], name="gqa/last")
+    seqlens = ir.node("Expand", [last.outputs[0], batch], name="gqa/seqlens_k")
+    total = ir.node("Squeeze", [total_1, axis0], name="gqa/total_sequence_length")
+    query = ir.node("Expand", [cast_new.outputs[0], batch], name="gqa/query_seqlens")
+    nodes += [cast_total, cast_new, last, seqlens, total, query]
+    for node in nodes:
+        node.outputs[0].name = node.name
+    graph.insert_before(anchor, nodes)
+    return seqlens.outputs[0], total.outputs[0], query.outputs[0]
+
+
+def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.DataType) -> int:
+    """Rewrite every matching block (with RoPE on both q and k, or on neither); returns how
+    many. ``context`` sizes the cos/sin tables (positions the kernel may rotate)."""
+    np_dtype = np.float16 if float_dtype == ir.DataType.FLOAT16 else np.float32
+    lengths = None
+    count = 0
+    for node in list(graph):
+        block = match_block(node)
+        if block is None or (block.q_rotary is None) != (block.k_rotary is None):
+            continue
+        if _head_dim(block) is None or _head_dim(block) % 16:
+            continue  # the kernel needs head_size % 16 == 0
+        tables = (None, None)
+        if block.q_rotary is not None:
+            if block.q_rotary.op_type != block.k_rotary.op_type:
+                continue
+            tables = _rotary_tables(graph, block, context, np_dtype)
+            if tables is None:
+                continue
+        if lengths is None:
+            lengths = _lengths(graph, next(iter(graph)))
+        seqlens_k, total, query_seqlens = lengths
+        scope = node.name
+        query_BSC, key_BSC, value_BSC = block.projections_BSC
+        bias = block.bias
+        if np_dtype is not np.float32:
+            bias = cast_like(graph, node, bias, query_BSC, f"{scope}/bias")
+        attrs = {
+            "num_heads": block.heads,
+            "kv_num_heads": block.kv_heads,
+            "scale": float(attribute(node, "scale")),
+            "do_rotary": int(block.q_rotary is not None),
+            "rotary_interleaved": int(
+                block.q_rotary is not None and block.q_rotary.op_type == "RotaryInterleaved"
+            ),
+        }
+        if node.op_type.endswith("Softcap"):
+            attrs["softcap"] = float(attribute(node, "softcap"))
+        inputs = [query_BSC, key_BSC, value_BSC, *block.pasts, seqlens_k, total, *tables]
+        inputs += [None, bias, None, None, None, None, None, query_seqlens]
+        gqa = ir.node(
+            "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3, name=scope
+        )
+        graph.insert_before(node, gqa)
+        block.replace(graph, *gqa.outputs)
+        count += 1
+    if count:
+        graph.opset_imports[MS_DOMAIN] = 1
+    return count
+
+
+def feed_packed_qkv(graph: ir.Graph) -> int:
+    """Where a GroupQueryAttention's q, k, v are the three outputs of one Split of a packed
+    projection (in that order), feed the packed projection instead and drop the Split."""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN:
+            continue
+        query, key, value = node.inputs[:3]
+        split = query.producer() if query is not None else None
+        if (
+            split is None
+            or split.op_type != "Split"
+            or len(split.outputs) != 3
+            or attribute(split, "axis") not in (-1, 2)
+            or [query, key, value] != list(split.outputs)
+            or any(len(v.uses()) != 1 or v.is_graph_output() for v in split.outputs)
+        ):
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        graph.remove(split, safe=True)
+        count += 1
+    return count
+
+
+def shares_kv_buffer(model: ir.Model) -> bool:
+    """Whether the graph's attention can write its present into its past buffer."""
+    return any(n.op_type == "GroupQueryAttention" for n in model.graph)

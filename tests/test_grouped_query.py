@@ -1,0 +1,166 @@
+"""The ort target's GroupQueryAttention lowering on tiny checkpoints whose head_dim the kernel
+accepts (a multiple of 16): logits equal the fp32 functions graph on a left-padded batch, a
+prefill then decode then batched multi-token continuation equals one pass, every KV cache
+mode (the in-place shared one included) gives the functions graph's greedy tokens, and
+blocks the kernel cannot take fall back to opset-23 Attention."""
+
+import json
+
+import checkpoints
+import numpy as np
+import onnx
+import pytest
+from decoder_runner import Decoder
+from harness import assert_close
+
+from graphattn import export
+from graphattn.compiler import CompileOptions
+from graphattn.compiler.files import compile_export
+from graphattn.runtime import Generator, ModelSession
+
+WIDE = {"hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 48}
+GQA_MODELS = {
+    "llama-gqa": checkpoints.llama_variant(**WIDE),
+    "llama-mqa": checkpoints.llama_variant(**WIDE, num_key_value_heads=1),
+    "llama-mha-tied": checkpoints.llama_variant(
+        **WIDE, num_key_value_heads=4, tie_word_embeddings=True
+    ),
+    "llama-llama3-rope-partial": checkpoints.llama_variant(
+        **{**WIDE, "hidden_size": 128},  # head_dim 32, 16 rotary channels
+        partial_rotary_factor=0.5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "mistral-window": checkpoints.llama_variant(
+        **WIDE, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=3
+    ),
+    "qwen2-bias": checkpoints.llama_variant(
+        **WIDE, model_type="qwen2", architectures=["Qwen2ForCausalLM"]
+    ),
+    "gpt2": {**checkpoints.GPT2, "n_embd": 64},
+}
+PROMPTS = [[5, 17, 42, 8, 11, 60, 3], [40, 41], [7, 3, 90, 12]]
+
+
+def left_padded(rows):
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(GQA_MODELS))
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"gqa-{request.param}")
+    checkpoints.write_checkpoint(root / "hf", {**GQA_MODELS[request.param]}, seed=5)
+    export(root / "hf", root / "functions", target="functions", last_logits_only=False)
+    export(root / "hf", root / "ort", target="ort", last_logits_only=False)
+    return request.param, root
+
+
+def test_attention_becomes_grouped_query_attention(exported):
+    name, root = exported
+    graph = onnx.load(str(root / "ort" / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == 2, ops
+    assert "Attention" not in ops and "RotaryEmbedding" not in ops
+    gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == int(name != "gpt2")
+    if name.startswith("llama"):  # packed q/k/v go in whole: no key/value inputs, no Split
+        assert gqa.input[1] == gqa.input[2] == ""
+    config = json.loads((root / "ort" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+
+
+def test_left_padded_batch_equals_functions_graph(exported):
+    name, root = exported
+    ids, mask = left_padded(PROMPTS)
+    expected, expected_presents = Decoder(root / "functions")(ids, mask)
+    actual, presents = Decoder(root / "ort")(ids, mask)
+    real = mask.astype(bool)
+    assert_close(actual[real], expected[real].astype(np.float64), 1e-4, f"{name} logits")
+    assert np.isfinite(actual).all()
+    # values are not rotated: the cache holds the same values (keys differ by each row's
+    # pad shift in their RoPE angle, which cancels in the scores)
+    for (_, value), (_, expected_value) in zip(presents, expected_presents):
+        for row, keep in enumerate(real):
+            assert_close(value[row][:, keep], expected_value[row][:, keep], 1e-5, f"{name} v")
+
+
+def test_prefill_decode_and_batched_continuation_equal_one_pass(exported):
+    name, root = exported
+    ids, mask = left_padded(PROMPTS)
+    full, _ = Decoder(root / "functions")(ids, mask)
+    decoder = Decoder(root / "ort")
+    first, past = decoder(ids[:, :3], mask[:, :3])
+    second, past = decoder(ids[:, 3:4], mask[:, :4], past)  # one token
+    third, _ = decoder(ids[:, 4:], mask, past)  # a batch of rows, several tokens, with a past
+    steps = np.concatenate([first, second, third], axis=1)
+    real = mask.astype(bool)
+    assert_close(steps[real], full[real].astype(np.float64), 1e-4, name)
+
+
+@pytest.mark.parametrize("cache", ["auto", "shared", "bound", "plain"])
+def test_every_cache_mode_gives_the_functions_tokens(exported, cache):
+    name, root = exported
+    reference = Generator(root / "functions", provider="cpu", cache="plain")
+    expected = reference.generate(PROMPTS, max_new_tokens=10, use_eos=False)
+    generator = Generator(root / "ort", provider="cpu", cache=cache, max_length=24)
+    assert generator.cache.name == ("shared" if cache == "auto" else cache)
+    actual = generator.generate(PROMPTS, max_new_tokens=10, use_eos=False)
+    assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
+
+
+def test_shared_cache_holds_the_plain_cache_values(exported):
+    _, root = exported
+    session = ModelSession(root / "ort", provider="cpu")
+    shared = Generator(session, cache="shared", max_length=20)
+    plain = Generator(session, cache="plain", max_length=20)
+    prompt = [5, 17, 42, 8]
+    assert (
+        shared.generate(prompt, max_new_tokens=6, use_eos=False).token_ids
+        == plain.generate(prompt, max_new_tokens=6, use_eos=False).token_ids
+    )
+    for layer in range(session.config.num_layers):
+        key, value = shared.cache.layer(layer)
+        assert_close(key, plain.cache.pasts[layer][0].astype(np.float64), 1e-6, "key")
+        assert_close(value, plain.cache.pasts[layer][1].astype(np.float64), 1e-6, "value")
+
+
+def test_compile_command_sets_the_shared_buffer_flag(exported, tmp_path):
+    _, root = exported
+    compile_export(root / "functions", tmp_path / "ort", CompileOptions("ort"))
+    config = json.loads((tmp_path / "ort" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    compile_export(
+        root / "functions", tmp_path / "plain", CompileOptions("ort", grouped_query=False)
+    )
+    config = json.loads((tmp_path / "plain" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "plain" / "model.onnx")).graph.node}
+    assert "Attention" in ops and "GroupQueryAttention" not in ops
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        checkpoints.LLAMA,  # head_dim 8: not a multiple of 16
+        checkpoints.llama_variant(**WIDE, partial_rotary_factor=0.5),  # 4 cos/sin columns
+    ],
+    ids=["head-dim-8", "rotary-width-4"],
+)
+def test_blocks_the_kernel_refuses_fall_back_to_attention(tmp_path, config):
+    checkpoints.write_checkpoint(tmp_path / "hf", config, seed=5)
+    export(tmp_path / "hf", tmp_path / "ort", target="ort")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "model.onnx")).graph.node}
+    assert "Attention" in ops and "GroupQueryAttention" not in ops
+    generator = Generator(tmp_path / "ort", provider="cpu")
+    assert generator.cache.name == "bound"
+    with pytest.raises(ValueError, match="appends in place"):
+        Generator(tmp_path / "ort", provider="cpu", cache="shared")
