@@ -10,10 +10,12 @@
    int4) when ``onnxruntime_genai`` is importable — each export in its own process, timed,
    with that process's peak RSS (``os.wait4``).
 3. Time prefill (``--prompt-len`` tokens) and greedy decode for every graph with the same
-   loop (graphattn's plain ``session.run`` cache), rounds interleaved so that machine noise
-   hits every model alike; the median round is kept. llama.cpp runs the GGUF when
-   ``llama_cpp`` is importable.
-4. Print the table and the ratios to ONNX Runtime GenAI at the same precision.
+   loop: graphattn's runtime with ``--cache`` (default ``auto``: the in-place shared buffer
+   where the graph declares ``past_present_share_buffer``, as GenAI's and our ort graphs
+   do; else the bound cache). GenAI's graphs also run in GenAI's own generator ("ORT GenAI
+   runtime" rows). Rounds are interleaved so that machine noise hits every model alike; the
+   median round is kept. llama.cpp runs the GGUF when ``llama_cpp`` is importable.
+4. Print the table and the ratios to GenAI's graph (same loop) at the same precision.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def graphattn_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "graphattn", *args]
 
 
-def time_graph(path: Path, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) with graphattn's plain cache loop."""
+def time_graph(path: Path, prompt: list[int], new_tokens: int, cache: str) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) with graphattn's decode loop and KV cache ``cache``."""
     from graphattn.runtime import Generator, SamplingOptions, Timings
 
-    generator = Generator(path, provider="cpu", cache="plain", max_length=len(prompt) + new_tokens)
+    generator = Generator(path, provider="cpu", cache=cache, max_length=len(prompt) + new_tokens)
     timings = Timings()
     for _ in generator.token_steps(
         [prompt],
@@ -64,6 +66,24 @@ def time_graph(path: Path, prompt: list[int], new_tokens: int) -> tuple[float, f
         pass
     t = timings.as_dict()
     return t["prefill_tokens_per_s"], t["decode_tokens_per_s"]
+
+
+def time_genai_runtime(path: Path, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of ONNX Runtime GenAI's own generator on its graph."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    generator.generate_next_token()  # the prefill's logits give the first token
+    prefill = len(prompt) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        generator.generate_next_token()
+    return prefill, (new_tokens - 1) / (time.perf_counter() - started)
 
 
 def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int) -> tuple[float, float] | None:
@@ -91,6 +111,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", default=None, help="keep the exports in this folder")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--cache",
+        default="auto",
+        choices=["auto", "shared", "bound", "plain"],
+        help="graphattn loop's KV cache for every graph (auto: what each graph declares)",
+    )
     args = parser.parse_args()
     from graphattn.exporters.fetch import fetch
 
@@ -174,13 +200,28 @@ def main() -> None:
 
     vocab = 49152
     prompt = np.random.default_rng(0).integers(100, vocab, size=args.prompt_len).tolist()
+    timers = {
+        name: (lambda path=row["path"]: time_graph(path, prompt, args.new_tokens, args.cache))
+        for name, row in rows.items()
+    }
+    for name in [n for n in rows if n.startswith("ORT GenAI builder")]:
+        runtime_name = name.replace("builder", "runtime")
+        rows[runtime_name] = {
+            "model": runtime_name,
+            "precision": rows[name]["precision"],
+            "baseline": False,
+        }
+        timers[runtime_name] = lambda path=rows[name]["path"]: time_genai_runtime(
+            path, prompt, args.new_tokens
+        )
     speeds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for _ in range(args.rounds):
-        for name, row in rows.items():
-            speeds[name].append(time_graph(row["path"], prompt, args.new_tokens))
+        for name, timer in timers.items():
+            speeds[name].append(timer())
     for name, row in rows.items():
         row["prefill_tok_s"] = statistics.median(s[0] for s in speeds[name])
         row["decode_tok_s"] = statistics.median(s[1] for s in speeds[name])
+        row["cache"] = "genai" if name.startswith("ORT GenAI runtime") else args.cache
     cpp = time_llama_cpp(gguf, prompt, args.new_tokens)
     if cpp is not None:
         rows["llama.cpp (Q4_1 GGUF)"] = {
@@ -193,12 +234,12 @@ def main() -> None:
 
 
 def report(rows: list[dict], args) -> None:
-    baseline = {r["precision"]: r for r in rows if r["model"].startswith("ORT GenAI")}
+    baseline = {r["precision"]: r for r in rows if r["model"].startswith("ORT GenAI builder")}
     baseline["int4-gguf"] = baseline.get("int4")
     for row in rows:
         row.pop("path", None)
         base = baseline.get(row["precision"])
-        if base is not None and row is not base:
+        if base is not None and row is not base and row.get("baseline", True):
             for key in ("export_s", "export_peak_rss_mb", "prefill_tok_s", "decode_tok_s"):
                 if key in row and key in base:
                     row[f"{key}_vs_genai"] = row[key] / base[key]

@@ -172,17 +172,23 @@ class SharedCache(_Cache):
         """Allocate (or reuse) one ``[batch, kv_heads, capacity, head_dim]`` buffer per
         key/value and layer."""
         self._allocate(batch, copies=1)
-        self.binding = self.model.session.io_binding()
+        self.binding = io = self.model.session.io_binding()
+        # the cache bindings never change: bound once here, each step rebinds only its tokens
+        # (and logits, bound first so that it stays output 0)
+        io.bind_output("logits", "cpu")
+        for layer, (buffers,) in enumerate(self.buffers):
+            for part in range(2):
+                io.bind_ortvalue_input(self.model.past_names(layer)[part], buffers[part])
+                io.bind_ortvalue_output(self.model.present_names(layer)[part], buffers[part])
         self.length, self.batch = 0, batch
 
     def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
         self._check(input_ids.shape[1])
-        io = self._bound(input_ids, attention_mask, position_ids)
-        for layer, (buffers,) in enumerate(self.buffers):
-            for part in range(2):
-                io.bind_ortvalue_input(self.model.past_names(layer)[part], buffers[part])
-                io.bind_ortvalue_output(self.model.present_names(layer)[part], buffers[part])
+        io = self.binding
+        for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        io.bind_output("logits", "cpu")
         self.model.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         self.length += input_ids.shape[1]

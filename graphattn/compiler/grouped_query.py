@@ -26,11 +26,14 @@ The KV cache can share one ``[B, Hkv, capacity, D]`` buffer between past and pre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.attention3d import AttentionBlock, match_block
 from graphattn.compiler.rewrite import add_initializer, attribute, cast_like
+from graphattn.ops.domain import DOMAIN, MASKED_BIAS
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_CONTEXT = 4096
@@ -71,14 +74,29 @@ def _rotary_tables(graph: ir.Graph, block: AttentionBlock, context: int, np_dtyp
     )
 
 
-def _lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """(seqlens_k [B], total_sequence_length [], query_seqlens [B]) int32, from the shapes of
-    ``attention_mask [B, T]`` and ``input_ids [B, S]``."""
+@dataclass(frozen=True)
+class _GraphInputs:
+    """What every GroupQueryAttention of the graph shares: int32 ``seqlens_k [B]``,
+    ``total_sequence_length []``, ``query_seqlens [B]``, and ``padding_bias [B, 1, S, T]``
+    float32 (0 for a token, MASKED_BIAS for a pad key)."""
+
+    seqlens_k: ir.Value
+    total_sequence_length: ir.Value
+    query_seqlens: ir.Value
+    padding_bias: ir.Value
+
+
+def _graph_inputs(graph: ir.Graph, anchor: ir.Node) -> _GraphInputs:
+    """Computed once from ``attention_mask [B, T]`` and the shape of ``input_ids [B, S]``."""
     inputs = {v.name: v for v in graph.inputs}
     mask, ids = inputs["attention_mask"], inputs["input_ids"]
     int32 = ir.DataType.INT32
-    one = add_initializer(graph, ir.tensor(np.array([1], np.int32), name="gqa.one"))
-    axis0 = add_initializer(graph, ir.tensor(np.array([0], np.int64), name="gqa.axis0"))
+
+    def constant(name, array):
+        return add_initializer(graph, ir.tensor(array, name=f"gqa.{name}"))
+
+    one = constant("one", np.array([1], np.int32))
+    axis0 = constant("axis0", np.array([0], np.int64))
     nodes = [
         ir.node("Shape", [mask], {"start": 0, "end": 1}, name="gqa/batch"),
         ir.node("Shape", [mask], {"start": 1, "end": 2}, name="gqa/total64"),
@@ -93,17 +111,47 @@ def _lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value, ir.V
     total = ir.node("Squeeze", [total_1, axis0], name="gqa/total_sequence_length")
     query = ir.node("Expand", [cast_new.outputs[0], batch], name="gqa/query_seqlens")
     nodes += [cast_total, cast_new, last, seqlens, total, query]
+    pad = ir.node("Equal", [mask, constant("zero64", np.array(0, np.int64))], name="gqa/pad")
+    pad_bias = ir.node(
+        "Where",
+        [
+            pad.outputs[0],
+            constant("masked", np.array(MASKED_BIAS, np.float32)),
+            constant("kept", np.array(0.0, np.float32)),
+        ],
+        name="gqa/pad_bias",
+    )
+    bias_B11T = ir.node(
+        "Unsqueeze",
+        [pad_bias.outputs[0], constant("axes12", np.array([1, 2], np.int64))],
+        name="gqa/pad_bias_B11T",
+    )
+    one64 = constant("one64", np.array([1], np.int64))
+    shape = ir.node("Concat", [batch, one64, new64, total64], {"axis": 0}, name="gqa/bias_shape")
+    bias = ir.node("Expand", [bias_B11T.outputs[0], shape.outputs[0]], name="gqa/padding_bias")
+    nodes += [pad, pad_bias, bias_B11T, shape, bias]
     for node in nodes:
         node.outputs[0].name = node.name
     graph.insert_before(anchor, nodes)
-    return seqlens.outputs[0], total.outputs[0], query.outputs[0]
+    return _GraphInputs(seqlens.outputs[0], total.outputs[0], query.outputs[0], bias.outputs[0])
+
+
+def _causal_window(bias: ir.Value) -> int | None:
+    """The window of a causal ``AttentionBias`` call behind ``bias`` (0 = none), or None when
+    the bias is something else (then it is passed to the kernel whole)."""
+    node = bias.producer()
+    if node is None or node.domain != DOMAIN or node.op_type != "AttentionBias":
+        return None
+    if attribute(node, "causal") != 1:
+        return None
+    return int(attribute(node, "window", 0))
 
 
 def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.DataType) -> int:
     """Rewrite every matching block (with RoPE on both q and k, or on neither); returns how
     many. ``context`` sizes the cos/sin tables (positions the kernel may rotate)."""
     np_dtype = np.float16 if float_dtype == ir.DataType.FLOAT16 else np.float32
-    lengths = None
+    shared = None
     count = 0
     for node in list(graph):
         block = match_block(node)
@@ -118,12 +166,13 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
             tables = _rotary_tables(graph, block, context, np_dtype)
             if tables is None:
                 continue
-        if lengths is None:
-            lengths = _lengths(graph, next(iter(graph)))
-        seqlens_k, total, query_seqlens = lengths
+        if shared is None:
+            shared = _graph_inputs(graph, next(iter(graph)))
         scope = node.name
         query_BSC, key_BSC, value_BSC = block.projections_BSC
-        bias = block.bias
+        window = _causal_window(block.bias)
+        # causality (and a window) by the kernel itself; the bias then only drops pad keys
+        bias = block.bias if window is None else shared.padding_bias
         if np_dtype is not np.float32:
             bias = cast_like(graph, node, bias, query_BSC, f"{scope}/bias")
         attrs = {
@@ -135,10 +184,13 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
                 block.q_rotary is not None and block.q_rotary.op_type == "RotaryInterleaved"
             ),
         }
+        if window:
+            attrs["local_window_size"] = window
         if node.op_type.endswith("Softcap"):
             attrs["softcap"] = float(attribute(node, "softcap"))
-        inputs = [query_BSC, key_BSC, value_BSC, *block.pasts, seqlens_k, total, *tables]
-        inputs += [None, bias, None, None, None, None, None, query_seqlens]
+        inputs = [query_BSC, key_BSC, value_BSC, *block.pasts]
+        inputs += [shared.seqlens_k, shared.total_sequence_length, *tables, None, bias]
+        inputs += [None, None, None, None, None, shared.query_seqlens]
         gqa = ir.node(
             "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3, name=scope
         )

@@ -36,8 +36,9 @@ def fuse_skip_rms_norm(graph: ir.Graph) -> int:
             num_outputs=4,
             name=norm.name,
         )
-        for index, suffix in enumerate(("output", "mean", "inv_std_var", "sum")):
-            fused.outputs[index].name = f"{norm.name}/skip_norm_{suffix}"
+        fused.outputs[0].name = f"{norm.name}/skip_norm_output"
+        fused.outputs[1].name = fused.outputs[2].name = ""  # mean, inv_std_var: not computed
+        fused.outputs[3].name = f"{norm.name}/skip_norm_sum"
         graph.insert_before(add, fused)
         take_over(norm.outputs[0], fused.outputs[0])
         take_over(add.outputs[0], fused.outputs[3])
