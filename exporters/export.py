@@ -169,6 +169,7 @@ def export(
     quantize_lm_head: bool = True,
     accuracy_level: int = 4,
     requantize: bool = False,
+    grouped_query: bool = True,
     last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -181,6 +182,8 @@ def export(
     ``accuracy_level``: MatMulNBits compute type (4 = int8 activations, 0 = float).
     ``requantize``: quantize a GGUF's dequantized weights afresh (round-to-nearest, faster
     kernels) instead of keeping its Q4_0/Q4_1/Q8_0 blocks exactly.
+    ``grouped_query``: the ``ort`` target lowers attention to GroupQueryAttention where the
+    kernel takes it (else opset-23 Attention everywhere).
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
@@ -190,7 +193,9 @@ def export(
         if precision not in ("fp32", dtype):
             raise ValueError(f"dtype={dtype!r} conflicts with precision={precision!r}")
         precision = dtype
-    options = CompileOptions(target, precision, block_size, quantize_lm_head, accuracy_level)
+    options = CompileOptions(
+        target, precision, block_size, quantize_lm_head, accuracy_level, grouped_query
+    )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()
     source = open_source(checkpoint)
@@ -227,6 +232,7 @@ def export(
             cfg,
             architecture.genai_type or cfg.model_type,
             share_buffer=model.metadata_props.get(KV_BUFFER_KEY) == "shared",
+            position_ids=any(v.name == "position_ids" for v in model.graph.inputs),
         )
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = source.write_tokenizer(staging)

@@ -6,10 +6,18 @@ from graphattn.spec import ModelConfig
 
 
 def genai_config(
-    cfg: ModelConfig, genai_type: str, filename: str = "model.onnx", share_buffer: bool = False
+    cfg: ModelConfig,
+    genai_type: str,
+    filename: str = "model.onnx",
+    share_buffer: bool = False,
+    position_ids: bool = True,
 ) -> dict:
     """The config dict for one decoder export (greedy search defaults, context-length max).
-    ``share_buffer``: the graph's attention appends into its past buffer in place."""
+    ``share_buffer``: the graph's attention appends into its past buffer in place;
+    ``position_ids``: the graph has that input."""
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if position_ids:
+        inputs["position_ids"] = "position_ids"
     eos = cfg.eos_token_id
     pad = cfg.pad_token_id
     if pad is None:
@@ -24,9 +32,7 @@ def genai_config(
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **inputs,
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -45,7 +51,7 @@ def genai_config(
             "vocab_size": cfg.vocab_size,
         },
         "search": {
-            "diverse_beam_search": False,
+            "diversity_penalty": 0.0,
             "do_sample": False,
             "early_stopping": True,
             "length_penalty": 1.0,

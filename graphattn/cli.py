@@ -68,6 +68,11 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the output projection in float with int4/int8",
     )
+    parser.add_argument(
+        "--no-grouped-query",
+        action="store_true",
+        help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
+    )
 
 
 @subcommand
@@ -89,7 +94,13 @@ def _compile(args: argparse.Namespace) -> int:
         raise ValueError(
             "fp16 changes the graph's I/O types: use graphattn export --precision fp16"
         )
-    options = CompileOptions(args.target, args.precision, args.block_size, not args.float_lm_head)
+    options = CompileOptions(
+        args.target,
+        args.precision,
+        args.block_size,
+        not args.float_lm_head,
+        grouped_query=not args.no_grouped_query,
+    )
     print(compile_export(args.export_dir, args.output, options))
     return 0
 
@@ -138,6 +149,7 @@ def _export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         quantize_lm_head=not args.float_lm_head,
         requantize=args.requantize,
+        grouped_query=not args.no_grouped_query,
         last_logits_only=not args.all_logits,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet

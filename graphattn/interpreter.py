@@ -143,6 +143,7 @@ class Interpreter:
     def __init__(self, model) -> None:
         self.model = prepare(model)
         self._evaluator = _Evaluator(self.model)
+        self.input_names = [i.name for i in self.model.graph.input]
         self.output_names = [o.name for o in self.model.graph.output]
 
     def run(

@@ -26,12 +26,15 @@ class Decoder:
         path = str(Path(out_dir) / "model.onnx")
         if engine == "ort":
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            self.dtype = np.float16 if "float16" in session.get_inputs()[3].type else np.float32
+            past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values"))
+            self.dtype = np.float16 if "float16" in past.type else np.float32
+            self.input_names = {i.name for i in session.get_inputs()}
             self._run = lambda feeds: dict(
                 zip([o.name for o in session.get_outputs()], session.run(None, feeds))
             )
         else:
             interpreter = Interpreter(path)
+            self.input_names = set(interpreter.input_names)
             self.dtype = np.float32
             self._run = interpreter.run
 
@@ -44,8 +47,9 @@ class Decoder:
         feeds = {
             "input_ids": input_ids.astype(np.int64),
             "attention_mask": attention_mask.astype(np.int64),
-            "position_ids": positions_for(attention_mask, input_ids.shape[1]),
         }
+        if "position_ids" in self.input_names:  # ort graphs with GroupQueryAttention lack it
+            feeds["position_ids"] = positions_for(attention_mask, input_ids.shape[1])
         for i, (key, value) in enumerate(past):
             feeds[f"past_key_values.{i}.key"] = key
             feeds[f"past_key_values.{i}.value"] = value

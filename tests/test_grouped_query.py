@@ -76,6 +76,10 @@ def test_attention_becomes_grouped_query_attention(exported):
         assert gqa.input[1] == gqa.input[2] == ""
     config = json.loads((root / "ort" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
+    # RoPE now follows the cache slot: only GPT-2's learned positions still read position_ids
+    has_positions = "position_ids" in [i.name for i in graph.input]
+    assert has_positions == (name == "gpt2")
+    assert ("position_ids" in config["model"]["decoder"]["inputs"]) == has_positions
 
 
 def test_left_padded_batch_equals_functions_graph(exported):
@@ -131,6 +135,14 @@ def test_shared_cache_holds_the_plain_cache_values(exported):
         key, value = shared.cache.layer(layer)
         assert_close(key, plain.cache.pasts[layer][0].astype(np.float64), 1e-6, "key")
         assert_close(value, plain.cache.pasts[layer][1].astype(np.float64), 1e-6, "value")
+
+
+def test_export_option_keeps_attention(exported, tmp_path):
+    _, root = exported
+    export(root / "hf", tmp_path / "plain", target="ort", grouped_query=False)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "plain" / "model.onnx")).graph.node}
+    assert "Attention" in ops and "GroupQueryAttention" not in ops
+    assert Generator(tmp_path / "plain", provider="cpu").cache.name == "bound"
 
 
 def test_compile_command_sets_the_shared_buffer_flag(exported, tmp_path):

@@ -34,5 +34,8 @@ def compile_export(in_dir: str | Path, out_dir: str | Path, options: CompileOpti
             config = json.loads(config_path.read_text())
             shared = model.metadata_props.get(KV_BUFFER_KEY) == "shared"
             config.setdefault("search", {})["past_present_share_buffer"] = shared
+            names = config.get("model", {}).get("decoder", {}).get("inputs", {})
+            if not any(v.name == "position_ids" for v in model.graph.inputs):
+                names.pop("position_ids", None)
             (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir.absolute() / MODEL_FILE

@@ -65,6 +65,15 @@ def optimize(model: ir.Model) -> None:
     onnxscript.optimizer.optimize(model, num_iterations=2, onnx_shape_inference=False, inline=False)
 
 
+def _drop_unread_position_ids(graph: ir.Graph) -> None:
+    """GroupQueryAttention places RoPE by cache slot: a graph that no longer reads
+    ``position_ids`` loses the input (as the I/O convention has it: only where needed)."""
+    for index, value in enumerate(graph.inputs):
+        if value.name == "position_ids" and not value.uses():
+            graph.inputs.pop(index)
+            return
+
+
 def compile_model(
     model: ir.Model, options: CompileOptions, prequantized: Prequantized | None = None
 ) -> ir.Model:
@@ -94,6 +103,7 @@ def compile_model(
             accuracy_level=options.accuracy_level,
         )
     common.RemoveUnusedNodesPass()(model)
+    _drop_unread_position_ids(model.graph)
     if shares_kv_buffer(model):
         model.metadata_props[KV_BUFFER_KEY] = "shared"
     model.metadata_props["graphattn.target"] = options.target
