@@ -5,8 +5,9 @@
 
 1. Fetch the SmolLM2 GGUF and ``graphattn convert`` it to an HF directory, so every builder
    starts from the same float weights.
-2. Export with graphattn (portable fp32; ort int4 from the HF directory, round-to-nearest like
-   the others; ort int4 lossless from the GGUF) and with ONNX Runtime GenAI's builder (fp32,
+2. Export with graphattn (portable and ort fp32; ort int4 from the HF directory,
+   round-to-nearest like the others, asymmetric (our default) and symmetric (GenAI's
+   default); ort int4 lossless from the GGUF) and with ONNX Runtime GenAI's builder (fp32,
    int4) when ``onnxruntime_genai`` is importable — each export in its own process, timed,
    with that process's peak RSS (``os.wait4``).
 3. Time prefill (``--prompt-len`` tokens) and greedy decode for every graph with the same
@@ -160,6 +161,22 @@ def main() -> None:
         "int4",
         lambda out: graphattn_cli(
             "export", str(hf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
+        ),
+    )
+    export_row(
+        "graphattn ort int4 symmetric",
+        "int4",
+        lambda out: graphattn_cli(
+            "export",
+            str(hf),
+            "-o",
+            str(out),
+            "--target",
+            "ort",
+            "--precision",
+            "int4",
+            "--symmetric",
+            "--quiet",
         ),
     )
     export_row(

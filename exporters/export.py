@@ -170,6 +170,7 @@ def export(
     accuracy_level: int = 4,
     requantize: bool = False,
     grouped_query: bool = True,
+    symmetric: bool = False,
     last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -184,6 +185,8 @@ def export(
     kernels) instead of keeping its Q4_0/Q4_1/Q8_0 blocks exactly.
     ``grouped_query``: the ``ort`` target lowers attention to GroupQueryAttention where the
     kernel takes it (else opset-23 Attention everywhere).
+    ``symmetric``: int4/int8 round-to-nearest with zero point 2^(bits−1) (no zero-point
+    tensor) instead of per-block asymmetric ranges.
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
@@ -194,7 +197,13 @@ def export(
             raise ValueError(f"dtype={dtype!r} conflicts with precision={precision!r}")
         precision = dtype
     options = CompileOptions(
-        target, precision, block_size, quantize_lm_head, accuracy_level, grouped_query
+        target,
+        precision,
+        block_size,
+        quantize_lm_head,
+        accuracy_level,
+        grouped_query,
+        symmetric,
     )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()

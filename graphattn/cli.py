@@ -69,6 +69,11 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         help="keep the output projection in float with int4/int8",
     )
     parser.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="int4/int8: zero point 2^(bits-1) everywhere (no zero-point tensor)",
+    )
+    parser.add_argument(
         "--no-grouped-query",
         action="store_true",
         help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
@@ -100,6 +105,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.block_size,
         not args.float_lm_head,
         grouped_query=not args.no_grouped_query,
+        symmetric=args.symmetric,
     )
     print(compile_export(args.export_dir, args.output, options))
     return 0
@@ -150,6 +156,7 @@ def _export(args: argparse.Namespace) -> int:
         quantize_lm_head=not args.float_lm_head,
         requantize=args.requantize,
         grouped_query=not args.no_grouped_query,
+        symmetric=args.symmetric,
         last_logits_only=not args.all_logits,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet

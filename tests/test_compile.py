@@ -126,11 +126,15 @@ def test_last_position_logits_equal_the_full_ones(checkpoint, tmp_path):
 
 
 def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
-    """Run a lone MatMulNBits node on the identity: onnxruntime's own dequantized W [K, N]."""
+    """Run a lone MatMulNBits node on the identity: onnxruntime's own dequantized W [K, N]
+    (``zero_points`` None: the kernel's default)."""
     helper, tp, numpy_helper = onnx.helper, onnx.TensorProto, onnx.numpy_helper
+    initializers = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "s")]
+    if zero_points is not None:
+        initializers.append(numpy_helper.from_array(zero_points, "z"))
     node = helper.make_node(
         "MatMulNBits",
-        ["A", "B", "s", "z"],
+        ["A", "B", "s", "z"][: len(initializers) + 1],
         ["Y"],
         domain="com.microsoft",
         K=k,
@@ -143,11 +147,7 @@ def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
         "g",
         [helper.make_tensor_value_info("A", tp.FLOAT, [None, k])],
         [helper.make_tensor_value_info("Y", tp.FLOAT, [None, n])],
-        [
-            numpy_helper.from_array(b, "B"),
-            numpy_helper.from_array(scales, "s"),
-            numpy_helper.from_array(zero_points, "z"),
-        ],
+        initializers,
     )
     model = helper.make_model(
         graph,
@@ -158,14 +158,24 @@ def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
     return session.run(None, {"A": np.eye(k, dtype=np.float32)})[0]
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_numpy_packing_matches_the_kernel(bits):
+def test_numpy_packing_matches_the_kernel(bits, symmetric):
     weight = np.random.default_rng(3).standard_normal((96, 40)).astype(np.float32)
-    quantized = quantize_columns(weight, bits, 32)
-    seen = matmul_nbits_weights(*pack_matmul_nbits(quantized), 96, 40, bits)
+    quantized = quantize_columns(weight, bits, 32, symmetric=symmetric)
+    b, scales, zero_points = pack_matmul_nbits(quantized)
+    assert (zero_points is None) == symmetric  # symmetric: the kernel's default zero point
+    seen = matmul_nbits_weights(b, scales, zero_points, 96, 40, bits)
     assert_close(seen, quantized.dequantize().astype(np.float64), 0.0, "kernel vs NumPy")
-    step = {4: 0.6, 8: 0.03}[bits]  # round-to-nearest: half a level of these ranges
+    # round-to-nearest: half a level of these ranges (symmetric levels are up to 2x coarser)
+    step = {4: 0.6, 8: 0.03}[bits] * (2 if symmetric else 1)
     assert_close(seen, weight.astype(np.float64), step, "quantization error")
+    if symmetric:  # each block's largest-magnitude weight is exact
+        blocks = np.abs(weight.T.reshape(40, 3, 32))
+        index = blocks.argmax(-1)
+        exact = np.take_along_axis(seen.T.reshape(40, 3, 32), index[..., None], -1)
+        largest = np.take_along_axis(weight.T.reshape(40, 3, 32), index[..., None], -1)
+        assert_close(exact, largest.astype(np.float64), 1e-6, "block extreme")
 
 
 def test_lossless_gguf_blocks(tmp_path):

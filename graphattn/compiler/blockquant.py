@@ -41,14 +41,30 @@ class BlockQuantized:
         return values.reshape(self.n, -1)[:, : self.k].T.copy()
 
 
-def quantize_columns(weight_KN: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
-    """Asymmetric round-to-nearest block quantization of ``W [K, N]`` (zero-padded along K)."""
+def quantize_columns(
+    weight_KN: np.ndarray, bits: int, block_size: int, symmetric: bool = False
+) -> BlockQuantized:
+    """Round-to-nearest block quantization of ``W [K, N]`` (zero-padded along K).
+
+    Asymmetric: each block's [min, max] (widened to hold 0) spans all ``2^bits`` levels.
+    ``symmetric``: the zero point is ``2^(bits−1)`` everywhere (the kernels' default, so it
+    needs no zero-point tensor) and the block's largest-magnitude weight lands exactly on
+    the extreme level −2^(bits−1) (its scale takes that weight's sign)."""
     k, n = weight_KN.shape
     blocks = -(-k // block_size)
     padded = np.zeros((blocks * block_size, n), dtype=np.float32)
     padded[:k] = weight_KN
     grouped = padded.T.reshape(n, blocks, block_size)
     top = (1 << bits) - 1
+    if symmetric:
+        middle = 1 << (bits - 1)
+        index = np.abs(grouped).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(grouped, index, axis=-1)[..., 0]
+        scales = (extreme / -middle).astype(np.float32)
+        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+        zero_points = np.full(scales.shape, middle, dtype=np.uint8)
+        q = np.clip(np.round(grouped / scales[..., None]) + middle, 0, top)
+        return BlockQuantized(q.astype(np.uint8), scales, zero_points, bits, block_size, k)
     low = np.minimum(grouped.min(axis=-1), 0.0)
     high = np.maximum(grouped.max(axis=-1), 0.0)
     scales = (high - low) / top
@@ -58,8 +74,12 @@ def quantize_columns(weight_KN: np.ndarray, bits: int, block_size: int) -> Block
     return BlockQuantized(q.astype(np.uint8), scales, zero_points, bits, block_size, k)
 
 
-def pack_matmul_nbits(quantized: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], zero_points) for MatMulNBits."""
+def pack_matmul_nbits(
+    quantized: BlockQuantized,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], zero_points) for MatMulNBits;
+    zero_points is None when every block uses the kernel's default ``2^(bits−1)`` (symmetric
+    quantization, GGUF Q4_0 and Q8_0), so the input can be left out."""
     q, bits = quantized.q, quantized.bits
     n, blocks, _ = q.shape
     if bits == 8:
@@ -70,6 +90,8 @@ def pack_matmul_nbits(quantized: BlockQuantized) -> tuple[np.ndarray, np.ndarray
     zp = quantized.zero_points
     if zp.dtype != np.uint8:  # float zero points are passed as they are
         return packed, scales, zp.reshape(-1).astype(np.float32)
+    if np.all(zp == 1 << (bits - 1)):
+        return packed, scales, None
     if bits == 4:
         if blocks % 2:
             zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)

@@ -30,7 +30,9 @@ class CompileOptions:
     quantizes the output projection (embeddings stay a float Gather). ``accuracy_level`` is
     MatMulNBits' compute type: 4 = int8 activations (fast on CPU; onnxruntime's int8 weights
     have no fast path without it), 0 = float. ``grouped_query`` (ort target): attention as
-    GroupQueryAttention with fused RoPE where a block fits, else opset-23 Attention."""
+    GroupQueryAttention with fused RoPE where a block fits, else opset-23 Attention.
+    ``symmetric``: int4/int8 with the default zero point 2^(bits−1) (no zero-point tensor,
+    slightly faster kernels, coarser than the asymmetric default)."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -38,6 +40,7 @@ class CompileOptions:
     quantize_lm_head: bool = True
     accuracy_level: int = 4
     grouped_query: bool = True
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -101,6 +104,7 @@ def compile_model(
             quantize_lm_head=options.quantize_lm_head,
             prequantized=prequantized,
             accuracy_level=options.accuracy_level,
+            symmetric=options.symmetric,
         )
     common.RemoveUnusedNodesPass()(model)
     _drop_unread_position_ids(model.graph)

@@ -48,12 +48,17 @@ def _weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
 
 
 def _quantized(
-    weight: ir.Value, transposed: bool, bits: int, block_size: int, prequantized: Prequantized
+    weight: ir.Value,
+    transposed: bool,
+    bits: int,
+    block_size: int,
+    prequantized: Prequantized,
+    symmetric: bool,
 ) -> BlockQuantized:
     if weight.name in prequantized:
         return prequantized[weight.name]()
     array = weight.const_value.numpy().astype(np.float32)
-    return quantize_columns(array.T if transposed else array, bits, block_size)
+    return quantize_columns(array.T if transposed else array, bits, block_size, symmetric)
 
 
 def quantize_weights(
@@ -65,8 +70,10 @@ def quantize_weights(
     quantize_lm_head: bool,
     prequantized: Prequantized | None = None,
     accuracy_level: int = 0,
+    symmetric: bool = False,
 ) -> int:
-    """Quantize eligible MatMul/Gemm weights in place; returns how many were quantized."""
+    """Quantize eligible MatMul/Gemm weights in place; returns how many were quantized.
+    ``symmetric``: zero point 2^(bits−1) everywhere (see ``quantize_columns``)."""
     graph, prequantized, count = model.graph, prequantized or {}, 0
     for node in list(graph):
         found = _weight(node)
@@ -78,7 +85,7 @@ def quantize_weights(
         k = weight.const_value.shape[1 if transposed else 0]
         if standard and k % block_size and weight.name not in prequantized:
             continue  # blocked DequantizeLinear needs whole blocks: this weight stays float
-        quantized = _quantized(weight, transposed, bits, block_size, prequantized)
+        quantized = _quantized(weight, transposed, bits, block_size, prequantized, symmetric)
         base = f"{weight.name}.q{quantized.bits}"
         if standard:
             _lower_standard(graph, node, quantized, base, transposed)
@@ -88,8 +95,9 @@ def quantize_weights(
                 node.inputs[0],
                 _initializer(graph, f"{base}.B", b),
                 _initializer(graph, f"{base}.scales", scales),
-                _initializer(graph, f"{base}.zero_points", zp),
             ]
+            if zp is not None:  # else the kernel's default zero point 2^(bits-1)
+                inputs.append(_initializer(graph, f"{base}.zero_points", zp))
             attrs = {
                 "K": quantized.k,
                 "N": quantized.n,
@@ -114,27 +122,25 @@ def _matmul_nbits_with_offsets(
     graph: ir.Graph, node: ir.Node, inputs: list, attrs: dict, quantized: BlockQuantized, base: str
 ) -> None:
     """``x·W`` for ``W = (q − 0)·d + m`` per block (GGUF Q4_1), exactly and on the fast
-    integer-zero-point kernel: ``MatMulNBits(x; q, d) + blocksum(x) · M`` where
-    ``blocksum(x)[.., b] = Σ_{k in block b} x[.., k]`` and ``M [blocks, N]`` holds the offsets."""
+    integer-zero-point kernel: ``MatMulNBits(x; q, d) + (x · E) · M`` where ``E [K, blocks]``
+    is the 0/1 block indicator (so ``x · E`` sums each block of x) and ``M [blocks, N]``
+    holds the offsets. Three nodes, any rank of x."""
     blocks, size = quantized.q.shape[1], quantized.block_size
     if quantized.k != blocks * size:
         raise ValueError(f"{base}: K={quantized.k} is not a whole number of {size}-blocks")
     x, scope = node.inputs[0], base  # the weight's name is unique; inlined node names are not
-    grouped_shape = _initializer(graph, f"{base}.grouped_shape", np.array([-1, blocks, size]))
-    last_axis = _initializer(graph, f"{base}.last_axis", np.array([-1]))
+    indicator_name = f"block_indicator.{quantized.k}x{blocks}"
+    if indicator_name in graph.initializers:
+        indicator = graph.initializers[indicator_name]
+    else:
+        member = np.arange(quantized.k)[:, None] // size == np.arange(blocks)[None, :]
+        indicator = _initializer(graph, indicator_name, member.astype(np.float32))
     offsets = _initializer(graph, f"{base}.offsets", np.ascontiguousarray(quantized.mins.T))
     main = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{scope}/nbits")
-    grouped = ir.node("Reshape", [x, grouped_shape], name=f"{scope}/blocks")
-    sums = ir.node(
-        "ReduceSum", [grouped.outputs[0], last_axis], {"keepdims": 0}, name=f"{scope}/block_sums"
-    )
+    sums = ir.node("MatMul", [x, indicator], name=f"{scope}/block_sums")
     correction = ir.node("MatMul", [sums.outputs[0], offsets], name=f"{scope}/offsets")
-    out_shape = ir.node("Shape", [main.outputs[0]], name=f"{scope}/shape")
-    shaped = ir.node(
-        "Reshape", [correction.outputs[0], out_shape.outputs[0]], name=f"{scope}/offsets_shaped"
-    )
-    total = ir.node("Add", [main.outputs[0], shaped.outputs[0]], name=f"{scope}/sum")
-    new_nodes = [main, grouped, sums, correction, out_shape, shaped, total]
+    total = ir.node("Add", [main.outputs[0], correction.outputs[0]], name=f"{scope}/sum")
+    new_nodes = [main, sums, correction, total]
     for new in new_nodes:
         new.outputs[0].name = new.name
     graph.insert_before(node, new_nodes)
