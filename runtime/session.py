@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from graphattn.runtime.config import (
@@ -51,7 +52,8 @@ class ModelSession:
 
     ``device`` is ``"cuda"`` when the CUDA provider actually loaded, else ``"cpu"``.
     ``shares_kv_buffer``: the graph's attention can append into its past buffer in place
-    (``past_present_share_buffer`` in genai_config.json, or our model metadata).
+    (``past_present_share_buffer`` in genai_config.json, or our model metadata), and does
+    so on this device (not an fp32 graph under CUDA).
     """
 
     def __init__(
@@ -93,7 +95,10 @@ class ModelSession:
         self.kv_dtype = numpy_dtype(first_past.type)
         self.has_position_ids = "position_ids" in self.input_names
         metadata = self.session.get_modelmeta().custom_metadata_map
-        self.shares_kv_buffer = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
+        declared = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
+        # onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: an fp32 graph runs that
+        # node on the CPU provider, through copies that cannot append in place
+        self.shares_kv_buffer = declared and (self.device == "cpu" or self.kv_dtype != np.float32)
 
     def past_names(self, layer: int) -> tuple[str, str]:
         """(past key input, past value input) names of ``layer``."""

@@ -95,6 +95,19 @@ def test_target_and_precision_track_fp32_functions(checkpoint, target, precision
         assert ("DequantizeLinear" in ops) == (target == "portable")
 
 
+def test_symmetric_int4_needs_no_zero_points(checkpoint, tmp_path):
+    name, root = checkpoint
+    out = tmp_path / "symmetric"
+    export(root / "hf", out, target="ort", precision="int4", symmetric=True, last_logits_only=False)
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) == 3 for n in nbits)  # A, B, scales: default zero point
+    actual, expected = all_logits(out), all_logits(root / "functions")
+    assert_close(actual, expected, TOLERANCE["int4"], f"{name} symmetric int4")
+    agreement = (actual.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement >= ARGMAX_AGREEMENT["int4"], f"argmax agreement {agreement:.2f}"
+
+
 def test_portable_runs_in_the_interpreter(checkpoint):
     name, root = checkpoint
     out = root / "portable-interp"

@@ -16,7 +16,7 @@ from harness import assert_close
 from graphattn import export
 from graphattn.compiler import CompileOptions
 from graphattn.compiler.files import compile_export
-from graphattn.runtime import Generator, ModelSession
+from graphattn.runtime import Generator, ModelSession, cuda_available
 
 WIDE = {"hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 48}
 GQA_MODELS = {
@@ -176,3 +176,21 @@ def test_blocks_the_kernel_refuses_fall_back_to_attention(tmp_path, config):
     assert generator.cache.name == "bound"
     with pytest.raises(ValueError, match="appends in place"):
         Generator(tmp_path / "ort", provider="cpu", cache="shared")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="no CUDAExecutionProvider in this onnxruntime")
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_ort_graph_on_cuda_gives_the_functions_tokens(tmp_path, precision):
+    checkpoints.write_checkpoint(tmp_path / "hf", GQA_MODELS["llama-gqa"], seed=5)
+    export(tmp_path / "hf", tmp_path / "functions", target="functions")
+    export(tmp_path / "hf", tmp_path / "ort", target="ort", precision=precision)
+    generator = Generator(tmp_path / "ort", provider="cuda", max_length=24)
+    assert generator.model.device == "cuda"
+    # fp16: the CUDA kernel appends in place; fp32: GQA falls back to the CPU provider
+    assert generator.cache.name == ("shared" if precision == "fp16" else "bound")
+    expected = Generator(tmp_path / "functions", provider="cpu").generate(
+        PROMPTS, max_new_tokens=8, use_eos=False
+    )
+    actual = generator.generate(PROMPTS, max_new_tokens=8, use_eos=False)
+    assert [r.token_ids for r in actual] == [r.token_ids for r in expected]

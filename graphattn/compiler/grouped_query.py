@@ -3,7 +3,7 @@
     SplitHeads → RotaryHalves → Concat(past) → ScaledDotProductAttention → MergeHeads
 becomes one
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
-                        cos_cache, sin_cache, attention_bias=bias, query_seqlens)
+                        cos_cache, sin_cache, attention_bias=padding_bias, query_seqlens)
 
 with RoPE done inside the kernel (``do_rotary``) from ``[context, R]`` cos/sin tables computed
 here in NumPy, and, after MatMul packing, the packed q/k/v projection fed to it directly
@@ -12,8 +12,9 @@ here in NumPy, and, after MatMul packing, the packed q/k/v projection fed to it 
 Positions. The kernel rotates the token in cache slot ``t`` by angle ``t·inv_freq``. For a
 left-padded row that is the model's position plus the row's pad count: every query and key of
 the row is shifted by the same amount, and RoPE scores depend only on position differences,
-so the attention is the same (to float rounding) as with ``position_ids``. Pads stay dropped
-by ``attention_bias`` (causality, window and padding; the kernel's own causal mask agrees).
+so the attention is the same (to float rounding) as with ``position_ids``. Causality and a
+sliding window (``local_window_size``) are the kernel's own; ``attention_bias`` only drops pad
+keys. A bias that is not a causal ``AttentionBias`` call is passed to the kernel whole.
 
 Lengths, computed once per graph from the input shapes (left padding: every row's cache has
 the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
