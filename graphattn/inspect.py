@@ -56,10 +56,19 @@ def describe(out_dir: str | Path) -> str:
         )
     metadata = {p.key: p.value for p in model.metadata_props}
     opsets = ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import)
-    dtype = metadata.get("graphattn.dtype")
+    extras = "".join(
+        f"  {label}={metadata[key]}"
+        for label, key in (
+            ("dtype", "graphattn.dtype"),
+            ("target", "graphattn.target"),
+            ("precision", "graphattn.precision"),
+            ("kv_buffer", "graphattn.kv_buffer"),
+        )
+        if key in metadata
+    )
     lines.append(
         f"producer: {model.producer_name} {model.producer_version}  ir={model.ir_version}"
-        f"  opsets={opsets}" + (f"  dtype={dtype}" if dtype else "")
+        f"  opsets={opsets}{extras}"
     )
     by_name_in = {v.name: v for v in model.graph.input}
     by_name_out = {v.name: v for v in model.graph.output}

@@ -3,6 +3,7 @@ optimization, and check the graph's I/O against its config before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def _providers(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+CONTEXT_KEY = "graphattn.context_length"  # model metadata: positions the graph supports
 KV_BUFFER_KEY = "graphattn.kv_buffer"  # model metadata: "shared" when past/present may alias
 
 
@@ -87,6 +89,11 @@ class ModelSession:
             if config_path is not None
             else from_session_io(model_path, inputs, outputs)
         )
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if self.config.context_length is None and CONTEXT_KEY in metadata:
+            # a bare .onnx of ours: its RoPE tables (GroupQueryAttention) end at this length
+            context = int(metadata[CONTEXT_KEY])
+            self.config = dataclasses.replace(self.config, context_length=context)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
@@ -94,7 +101,6 @@ class ModelSession:
         first_past = next(i for i in inputs if i.name == self.past_names(0)[0])
         self.kv_dtype = numpy_dtype(first_past.type)
         self.has_position_ids = "position_ids" in self.input_names
-        metadata = self.session.get_modelmeta().custom_metadata_map
         declared = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
         # onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: an fp32 graph runs that
         # node on the CPU provider, through copies that cannot append in place

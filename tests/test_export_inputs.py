@@ -99,6 +99,8 @@ def test_cli_export_and_inspect(tmp_path):
     assert "architecture: gpt2  layers=2" in shown.stdout
     assert "past_key_values.{i}.key: float[batch, 4, past_sequence, 8]" in shown.stdout
     assert "model.onnx.data" in shown.stdout
+    assert "target=ort  precision=fp32" in shown.stdout  # the default target
+    assert "kv_buffer" not in shown.stdout  # head_dim 8: no GroupQueryAttention
 
 
 def corrupt_header(directory):

@@ -5,6 +5,7 @@ mode (the in-place shared one included) gives the functions graph's greedy token
 blocks the kernel cannot take fall back to opset-23 Attention."""
 
 import json
+import shutil
 
 import checkpoints
 import numpy as np
@@ -28,13 +29,7 @@ GQA_MODELS = {
     "llama-llama3-rope-partial": checkpoints.llama_variant(
         **{**WIDE, "hidden_size": 128},  # head_dim 32, 16 rotary channels
         partial_rotary_factor=0.5,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
+        rope_scaling=checkpoints.LLAMA_VARIANTS["llama-llama3-rope"]["rope_scaling"],
     ),
     "mistral-window": checkpoints.llama_variant(
         **WIDE, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=3
@@ -42,9 +37,10 @@ GQA_MODELS = {
     "qwen2-bias": checkpoints.llama_variant(
         **WIDE, model_type="qwen2", architectures=["Qwen2ForCausalLM"]
     ),
-    "gpt2": {**checkpoints.GPT2, "n_embd": 64},
+    "gpt2": {**checkpoints.GPT2, "n_embd": 64, "n_positions": 48},
 }
 PROMPTS = [[5, 17, 42, 8, 11, 60, 3], [40, 41], [7, 3, 90, 12]]
+GQA_MODELS_CONTEXT = 48  # max_position_embeddings (n_positions for GPT-2)
 
 
 def left_padded(rows):
@@ -119,6 +115,16 @@ def test_every_cache_mode_gives_the_functions_tokens(exported, cache):
     assert generator.cache.name == ("shared" if cache == "auto" else cache)
     actual = generator.generate(PROMPTS, max_new_tokens=10, use_eos=False)
     assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
+
+
+def test_bare_onnx_file_reads_its_context_from_the_model(exported, tmp_path):
+    _, root = exported
+    for name in ("model.onnx", "model.onnx.data"):  # without genai_config.json beside them
+        shutil.copy(root / "ort" / name, tmp_path / name)
+    session = ModelSession(tmp_path / "model.onnx", provider="cpu")
+    assert session.config.context_length == GQA_MODELS_CONTEXT
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Generator(session, max_length=GQA_MODELS_CONTEXT + 1)
 
 
 def test_shared_cache_holds_the_plain_cache_values(exported):
