@@ -171,6 +171,7 @@ def export(
     requantize: bool = False,
     grouped_query: bool = True,
     symmetric: bool = False,
+    quantize_embeddings: bool = True,
     last_logits_only: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -187,6 +188,8 @@ def export(
     kernel takes it (else opset-23 Attention everywhere).
     ``symmetric``: int4/int8 round-to-nearest with zero point 2^(bits−1) (no zero-point
     tensor) instead of per-block asymmetric ranges.
+    ``quantize_embeddings``: ``ort`` int4/int8 also store the embedding tables block-quantized
+    (GatherBlockQuantized; a tied table shares the output projection's blocks).
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
@@ -204,6 +207,7 @@ def export(
         accuracy_level,
         grouped_query,
         symmetric,
+        quantize_embeddings,
     )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()

@@ -74,6 +74,11 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         help="int4/int8: zero point 2^(bits-1) everywhere (no zero-point tensor)",
     )
     parser.add_argument(
+        "--float-embeddings",
+        action="store_true",
+        help="ort int4/int8: keep the embedding tables float (default: GatherBlockQuantized)",
+    )
+    parser.add_argument(
         "--no-grouped-query",
         action="store_true",
         help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
@@ -106,6 +111,7 @@ def _compile(args: argparse.Namespace) -> int:
         not args.float_lm_head,
         grouped_query=not args.no_grouped_query,
         symmetric=args.symmetric,
+        quantize_embeddings=not args.float_embeddings,
     )
     print(compile_export(args.export_dir, args.output, options))
     return 0
@@ -157,6 +163,7 @@ def _export(args: argparse.Namespace) -> int:
         requantize=args.requantize,
         grouped_query=not args.no_grouped_query,
         symmetric=args.symmetric,
+        quantize_embeddings=not args.float_embeddings,
         last_logits_only=not args.all_logits,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet

@@ -6,7 +6,7 @@ A weight ``W [K, N]`` (MatMul layout) is quantized per output column ``n`` in bl
 
 MatMulNBits layout (``B [N, blocks, block_size·bits/8]`` uint8): column-major blocks; with 4
 bits, byte j of a block holds element 2j in its low nibble and 2j+1 in its high nibble.
-``scales [N·blocks]``; ``zero_points`` uint8 packed the same way (4 bits: two per byte).
+``scales [N, blocks]``; ``zero_points`` uint8 packed the same way (4 bits: two per byte).
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def quantize_columns(
 def pack_matmul_nbits(
     quantized: BlockQuantized,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(B uint8 [N, blocks, blob], scales float32 [N·blocks], zero_points) for MatMulNBits;
+    """(B uint8 [N, blocks, blob], scales float32 [N, blocks], zero_points uint8
+    [N, ⌈blocks·bits/8⌉] or float32 [N, blocks]) for MatMulNBits;
     zero_points is None when every block uses the kernel's default ``2^(bits−1)`` (symmetric
     quantization, GGUF Q4_0 and Q8_0), so the input can be left out."""
     q, bits = quantized.q, quantized.bits
@@ -86,14 +87,14 @@ def pack_matmul_nbits(
         packed = q.copy()
     else:
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    scales = quantized.scales.reshape(-1).astype(np.float32)
+    scales = quantized.scales.astype(np.float32)
     zp = quantized.zero_points
     if zp.dtype != np.uint8:  # float zero points are passed as they are
-        return packed, scales, zp.reshape(-1).astype(np.float32)
+        return packed, scales, zp.astype(np.float32)
     if np.all(zp == 1 << (bits - 1)):
         return packed, scales, None
     if bits == 4:
         if blocks % 2:
             zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
         zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-    return packed, scales, zp.reshape(-1)
+    return packed, scales, zp

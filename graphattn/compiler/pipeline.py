@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphattn.compiler.embeddings import quantize_embeddings
 from graphattn.compiler.grouped_query import DEFAULT_CONTEXT, feed_packed_qkv, shares_kv_buffer
 from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.pack import pack_matmuls
@@ -32,7 +33,9 @@ class CompileOptions:
     have no fast path without it), 0 = float. ``grouped_query`` (ort target): attention as
     GroupQueryAttention with fused RoPE where a block fits, else opset-23 Attention.
     ``symmetric``: int4/int8 with the default zero point 2^(bits−1) (no zero-point tensor,
-    slightly faster kernels, coarser than the asymmetric default)."""
+    slightly faster kernels, coarser than the asymmetric default). ``quantize_embeddings``
+    (ort, int4/int8; portable keeps float Gathers): embedding tables as
+    GatherBlockQuantized, sharing a tied output projection's blocks."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -41,6 +44,7 @@ class CompileOptions:
     accuracy_level: int = 4
     grouped_query: bool = True
     symmetric: bool = False
+    quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -105,6 +109,14 @@ def compile_model(
             prequantized=prequantized,
             accuracy_level=options.accuracy_level,
             symmetric=options.symmetric,
+        )
+    if options.quantize_embeddings and options.target == "ort" and options.bits is not None:
+        quantize_embeddings(
+            model.graph,
+            bits=options.bits,
+            block_size=options.block_size,
+            symmetric=options.symmetric,
+            keep_float=set(prequantized or ()),
         )
     common.RemoveUnusedNodesPass()(model)
     _drop_unread_position_ids(model.graph)

@@ -2,7 +2,7 @@
 
 - target ``ort``: ``MatMul(x, W)`` → ``com.microsoft.MatMulNBits(x, B, scales, zero_points)``;
   the output projection ``Gemm(h, E, transB=1)`` too when ``quantize_lm_head`` (E is already
-  ``[N, K]``). The embedding Gather keeps its float table.
+  ``[N, K]``). Embedding Gathers are ``embeddings.py``'s job (GatherBlockQuantized).
 - target ``portable``: ``MatMul(x, DequantizeLinear(Wq, scale, zero_point, axis=0,
   block_size))`` with int4/uint4 or uint8 weights — standard ONNX (opset 21+ blocked
   quantization); onnxruntime may fuse it back into MatMulNBits.
