@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,13 +51,16 @@ def kernel_profile(path: str, cache: str, prompt_BS: np.ndarray, steps: int) -> 
     model = ModelSession(path, provider="cpu")
     options = ort.SessionOptions()
     options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="decode-step-")) / "profile")
     options.log_severity_level = 3
     model.session = ort.InferenceSession(
         str(model.config.model_path), options, providers=["CPUExecutionProvider"]
     )
     generator = Generator(model, cache=cache, max_length=prompt_BS.shape[1] + steps + 1)
     step_times(generator, prompt_BS, steps)
-    events = json.loads(Path(model.session.end_profiling()).read_text())
+    profile_path = Path(model.session.end_profiling())
+    events = json.loads(profile_path.read_text())
+    shutil.rmtree(profile_path.parent)
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     prefill_end = min(e["ts"] + e["dur"] for e in runs)
     by_op: collections.Counter = collections.Counter()
