@@ -40,13 +40,14 @@ MS_DOMAIN = "com.microsoft"
 DEFAULT_CONTEXT = 4096
 
 
-def _inverse_frequencies(rotary: ir.Node) -> np.ndarray | None:
+def _inverse_frequencies(rotary: ir.Node) -> ir.Value | None:
+    """The constant ``inv_freq [R]`` behind a rotary call's cos/sin, or None."""
     cos = rotary.inputs[1]
     producer = cos.producer() if cos is not None else None
     if producer is None or producer.op_type != "RotaryCosSin":
         return None
-    inv_freq = producer.inputs[1].const_value
-    return None if inv_freq is None else inv_freq.numpy().astype(np.float64)
+    inv_freq = producer.inputs[1]
+    return inv_freq if inv_freq.const_value is not None else None
 
 
 def _head_dim(block: AttentionBlock) -> int | None:
@@ -58,21 +59,18 @@ def _head_dim(block: AttentionBlock) -> int | None:
 def _rotary_tables(graph: ir.Graph, block: AttentionBlock, context: int, np_dtype):
     """(cos_cache, sin_cache) ``[context, R]`` initializers shared by every layer, or None
     when the block's RoPE cannot be read (then it is not lowered)."""
-    inv_freq = _inverse_frequencies(block.q_rotary)
-    if inv_freq is None or _inverse_frequencies(block.k_rotary) is None:
+    source = _inverse_frequencies(block.q_rotary)
+    if source is None or _inverse_frequencies(block.k_rotary) is not source:
         return None
+    inv_freq = source.const_value.numpy().astype(np.float64)
     if len(inv_freq) % 8:
         return None  # the kernel needs a cos/sin width that is a multiple of 8
-    name = f"rotary.cos_cache.{len(inv_freq)}"
-    if name not in graph.initializers:
+    names = [f"{source.name}.{kind}_cache" for kind in ("cos", "sin")]
+    if names[0] not in graph.initializers:
         angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]
-        for kind, table in (("cos", np.cos(angles)), ("sin", np.sin(angles))):
-            tensor = ir.tensor(table.astype(np_dtype), name=f"rotary.{kind}_cache.{len(inv_freq)}")
-            add_initializer(graph, tensor)
-    return (
-        graph.initializers[f"rotary.cos_cache.{len(inv_freq)}"],
-        graph.initializers[f"rotary.sin_cache.{len(inv_freq)}"],
-    )
+        for name, table in zip(names, (np.cos(angles), np.sin(angles))):
+            add_initializer(graph, ir.tensor(table.astype(np_dtype), name=name))
+    return graph.initializers[names[0]], graph.initializers[names[1]]
 
 
 @dataclass(frozen=True)
@@ -152,6 +150,8 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
     """Rewrite every matching block (with RoPE on both q and k, or on neither); returns how
     many. ``context`` sizes the cos/sin tables (positions the kernel may rotate)."""
     np_dtype = np.float16 if float_dtype == ir.DataType.FLOAT16 else np.float32
+    if not {"attention_mask", "input_ids"} <= {v.name for v in graph.inputs}:
+        return 0  # the kernel's lengths come from these decoder inputs
     shared = None
     count = 0
     for node in list(graph):
