@@ -52,26 +52,30 @@ def quantize_columns(
     the extreme level −2^(bits−1) (its scale takes that weight's sign)."""
     k, n = weight_KN.shape
     blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
-    padded[:k] = weight_KN
-    grouped = padded.T.reshape(n, blocks, block_size)
+    grouped = np.zeros((n, blocks * block_size), dtype=np.float32)  # rows = output columns
+    grouped[:, :k] = weight_KN.T
+    grouped = grouped.reshape(n, blocks, block_size)
     top = (1 << bits) - 1
     if symmetric:
         middle = 1 << (bits - 1)
         index = np.abs(grouped).argmax(axis=-1)[..., None]
         extreme = np.take_along_axis(grouped, index, axis=-1)[..., 0]
-        scales = (extreme / -middle).astype(np.float32)
-        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-        zero_points = np.full(scales.shape, middle, dtype=np.uint8)
-        q = np.clip(np.round(grouped / scales[..., None]) + middle, 0, top)
-        return BlockQuantized(q.astype(np.uint8), scales, zero_points, bits, block_size, k)
-    low = np.minimum(grouped.min(axis=-1), 0.0)
-    high = np.maximum(grouped.max(axis=-1), 0.0)
-    scales = (high - low) / top
-    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-    zero_points = np.clip(np.round(-low / scales), 0, top).astype(np.uint8)
-    q = np.clip(np.round(grouped / scales[..., None]) + zero_points[..., None], 0, top)
-    return BlockQuantized(q.astype(np.uint8), scales, zero_points, bits, block_size, k)
+        scales = (extreme / np.float32(-middle)).astype(np.float32)
+        offsets = np.full(scales.shape, middle, dtype=np.uint8)
+    else:
+        low = np.minimum(grouped.min(axis=-1), np.float32(0.0))
+        high = np.maximum(grouped.max(axis=-1), np.float32(0.0))
+        scales = ((high - low) / np.float32(top)).astype(np.float32)
+        offsets = None
+    scales[scales == 0] = 1.0
+    if offsets is None:
+        offsets = np.clip(np.round(-low / scales), 0, top).astype(np.uint8)
+    # q = clip(round(w / scale) + zero_point, 0, top), in place on the float32 copy
+    grouped *= (np.float32(1.0) / scales)[..., None]
+    np.round(grouped, out=grouped)
+    grouped += offsets[..., None]
+    np.clip(grouped, 0, top, out=grouped)
+    return BlockQuantized(grouped.astype(np.uint8), scales, offsets, bits, block_size, k)
 
 
 def pack_matmul_nbits(
