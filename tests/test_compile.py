@@ -60,17 +60,22 @@ def decided_steps(functions_dir, generated, margin):
     return int(close[0]) if close.size else len(generated)
 
 
+def assert_tracks_functions(out, root, precision, what):
+    """Teacher-forced logits of the export ``out`` are within the precision's tolerance of the
+    fp32 functions graph, and agree on the argmax often enough."""
+    actual, expected = all_logits(out), all_logits(root / "functions")
+    assert_close(actual, expected, TOLERANCE[precision], what)
+    agreement = (actual.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement >= ARGMAX_AGREEMENT[precision], f"{what}: argmax agreement {agreement:.2f}"
+
+
 @pytest.mark.parametrize("target", ["portable", "ort"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
 def test_target_and_precision_track_fp32_functions(checkpoint, target, precision):
     name, root = checkpoint
     out = root / f"{target}-{precision}"
     export(root / "hf", out, target=target, precision=precision, last_logits_only=False)
-    expected = all_logits(root / "functions")
-    actual = all_logits(out)
-    assert_close(actual, expected, TOLERANCE[precision], f"{name} {target} {precision}")
-    agreement = (actual.argmax(-1) == expected.argmax(-1)).mean()
-    assert agreement >= ARGMAX_AGREEMENT[precision], f"argmax agreement {agreement:.2f}"
+    assert_tracks_functions(out, root, precision, f"{name} {target} {precision}")
     reference = Generator(root / "functions", provider="cpu").generate(
         PROMPT, max_new_tokens=8, use_eos=False
     )
@@ -104,10 +109,7 @@ def test_symmetric_int4_needs_no_zero_points(checkpoint, tmp_path):
     nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) == 3 for n in nbits)  # A, B, scales: default zero point
-    actual, expected = all_logits(out), all_logits(root / "functions")
-    assert_close(actual, expected, TOLERANCE["int4"], f"{name} symmetric int4")
-    agreement = (actual.argmax(-1) == expected.argmax(-1)).mean()
-    assert agreement >= ARGMAX_AGREEMENT["int4"], f"argmax agreement {agreement:.2f}"
+    assert_tracks_functions(out, root, "int4", f"{name} symmetric int4")
 
 
 def test_quantized_embeddings_replace_the_float_tables(checkpoint, tmp_path):
@@ -134,10 +136,7 @@ def test_quantized_embeddings_replace_the_float_tables(checkpoint, tmp_path):
         reshape = next(n for n in graph.node if token.input[0] in n.output)
         assert reshape.op_type == "Reshape" and reshape.input[0].endswith(".q4.B")
         assert token.input[2].endswith(".q4.scales")
-    actual, expected = all_logits(quantized), all_logits(root / "functions")
-    assert_close(actual, expected, TOLERANCE["int4"], f"{name} int4 + int4 embeddings")
-    agreement = (actual.argmax(-1) == expected.argmax(-1)).mean()
-    assert agreement >= ARGMAX_AGREEMENT["int4"], f"argmax agreement {agreement:.2f}"
+    assert_tracks_functions(quantized, root, "int4", f"{name} int4 + int4 embeddings")
 
 
 def test_portable_and_float_graphs_keep_float_embeddings(checkpoint, tmp_path):
@@ -156,35 +155,16 @@ def test_gather_block_quantized_rows_equal_numpy(bits, symmetric):
     quantized = quantize_columns(table.T, bits, 32, symmetric=symmetric)
     data, scales, zero_points = pack_gather_block_quantized(quantized)
     assert (zero_points is None) == symmetric
-    helper, tp, numpy_helper = onnx.helper, onnx.TensorProto, onnx.numpy_helper
-    initializers = [numpy_helper.from_array(data, "D"), numpy_helper.from_array(scales, "s")]
-    if zero_points is not None:
-        initializers.append(numpy_helper.from_array(zero_points, "z"))
-    node = helper.make_node(
-        "GatherBlockQuantized",
-        ["D", "ids", "s", "z"][: len(initializers) + 1],
-        ["rows"],
-        domain="com.microsoft",
-        bits=bits,
-        block_size=32,
-        gather_axis=0,
-        quantize_axis=1,
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("ids", tp.INT64, [None])],
-        [helper.make_tensor_value_info("rows", tp.FLOAT, [None, 96])],
-        initializers,
-    )
-    model = helper.make_model(
-        graph,
-        ir_version=10,
-        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
-    )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([3, 0, 49, 7, 3])
-    rows = session.run(None, {"ids": ids})[0]
+    attributes = dict(bits=bits, block_size=32, gather_axis=0, quantize_axis=1)
+    rows = run_contrib_node(
+        "GatherBlockQuantized",
+        (1, "ids"),
+        [data, scales, zero_points],
+        ids,
+        [None, 96],
+        **attributes,
+    )
     assert_close(rows, quantized.dequantize().T[ids].astype(np.float64), 1e-6, "kernel vs NumPy")
     step = {4: 0.6, 8: 0.03}[bits] * (2 if symmetric else 1)
     assert_close(rows, table[ids].astype(np.float64), step, "quantization error")
@@ -220,28 +200,26 @@ def test_last_position_logits_equal_the_full_ones(checkpoint, tmp_path):
     assert_close(last[:, 0], full[:, -1], 1e-4, name)
 
 
-def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
-    """Run a lone MatMulNBits node on the identity: onnxruntime's own dequantized W [K, N]
-    (``zero_points`` None: the kernel's default)."""
+def run_contrib_node(op_type, data_input, weights, feed, output_dims, **attributes):
+    """Run one ``com.microsoft`` node and return its output. Its inputs are the constant
+    ``weights`` in order (a None ends them: the optional rest is left out), with the one fed
+    input ``data_input = (position, name)`` inserted at ``position`` and fed ``feed``."""
     helper, tp, numpy_helper = onnx.helper, onnx.TensorProto, onnx.numpy_helper
-    initializers = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "s")]
-    if zero_points is not None:
-        initializers.append(numpy_helper.from_array(zero_points, "z"))
-    node = helper.make_node(
-        "MatMulNBits",
-        ["A", "B", "s", "z"][: len(initializers) + 1],
-        ["Y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=block_size,
-    )
+    names, initializers = [], []
+    for index, array in enumerate(weights):
+        if array is None:
+            break
+        names.append(f"w{index}")
+        initializers.append(numpy_helper.from_array(array, f"w{index}"))
+    position, name = data_input
+    names.insert(position, name)
+    node = helper.make_node(op_type, names, ["Y"], domain="com.microsoft", **attributes)
+    element = tp.INT64 if feed.dtype == np.int64 else tp.FLOAT
     graph = helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("A", tp.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", tp.FLOAT, [None, n])],
+        [helper.make_tensor_value_info(name, element, [None] * feed.ndim)],
+        [helper.make_tensor_value_info("Y", tp.FLOAT, output_dims)],
         initializers,
     )
     model = helper.make_model(
@@ -250,7 +228,17 @@ def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
         opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
     )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"A": np.eye(k, dtype=np.float32)})[0]
+    return session.run(None, {name: feed})[0]
+
+
+def matmul_nbits_weights(b, scales, zero_points, k, n, bits, block_size=32):
+    """Run a lone MatMulNBits node on the identity: onnxruntime's own dequantized W [K, N]
+    (``zero_points`` None: the kernel's default)."""
+    identity = np.eye(k, dtype=np.float32)
+    attributes = dict(K=k, N=n, bits=bits, block_size=block_size)
+    return run_contrib_node(
+        "MatMulNBits", (0, "A"), [b, scales, zero_points], identity, [None, n], **attributes
+    )
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
