@@ -200,3 +200,47 @@ def test_ort_graph_on_cuda_gives_the_functions_tokens(tmp_path, precision):
     )
     actual = generator.generate(PROMPTS, max_new_tokens=8, use_eos=False)
     assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
+
+
+def build_with_interleaved_rope(hf_dir, out_dir, target):
+    """Export ``hf_dir`` with its RoPE switched to interleaved pairs (no registered
+    architecture uses them, so the config is edited between the mapping and the builder)."""
+    import dataclasses
+
+    from graphattn.builder import build_decoder
+    from graphattn.compiler import compile_model
+    from graphattn.exporters.export import lazy_tensors, open_source, plan_weights, save_model
+    from graphattn.exporters.genai_config import genai_config
+    from graphattn.models import architecture_for
+
+    source = open_source(hf_dir)
+    architecture = architecture_for(source.config)
+    cfg = dataclasses.replace(architecture.config_from_hf(source.config), rope_interleaved=True)
+    model = build_decoder(
+        cfg, lazy_tensors(source, plan_weights(source, architecture, cfg), "fp32")
+    )
+    if target != "functions":
+        compile_model(model, CompileOptions(target))
+    out_dir.mkdir()
+    save_model(model, out_dir)
+    shared = model.metadata_props.get("graphattn.kv_buffer") == "shared"
+    config = genai_config(cfg, "llama", share_buffer=shared)
+    (out_dir / "genai_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_interleaved_rope_goes_into_the_kernel(tmp_path):
+    checkpoints.write_checkpoint(tmp_path / "hf", GQA_MODELS["llama-gqa"], seed=5)
+    build_with_interleaved_rope(tmp_path / "hf", tmp_path / "functions", "functions")
+    model = build_with_interleaved_rope(tmp_path / "hf", tmp_path / "ort", "ort")
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.attributes["rotary_interleaved"].value == 1 for n in gqa)
+    ids, mask = left_padded(PROMPTS)
+    expected, _ = Decoder(tmp_path / "functions")(ids, mask)
+    actual, _ = Decoder(tmp_path / "ort")(ids, mask)
+    real = mask.astype(bool)
+    assert_close(actual[real], expected[real].astype(np.float64), 1e-4, "interleaved RoPE")
+    # the switch mattered: split-halves RoPE gives other logits
+    export(tmp_path / "hf", tmp_path / "halves", target="functions", last_logits_only=False)
+    halves, _ = Decoder(tmp_path / "halves")(ids, mask)
+    assert np.abs(halves[real] - expected[real]).max() > 1e-3
