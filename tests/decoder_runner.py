@@ -58,3 +58,14 @@ class Decoder:
             (out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.layers)
         ]
         return out["logits"], presents
+
+
+def decided_steps(reference_dir: Path, prompt: list[int], generated: list[int], margin: float):
+    """How many greedy steps of ``generated`` (after ``prompt``, one row) have a top-2 logit
+    margin above ``margin`` in the reference export, counted up to the first that does not:
+    beyond it a lower-precision run may break a near-tie the other way."""
+    ids = np.array([list(prompt) + list(generated)])
+    logits, _ = Decoder(reference_dir)(ids, np.ones_like(ids))
+    top2 = np.sort(logits[0, len(prompt) - 1 : -1], axis=-1)[:, -2:]
+    close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= margin)
+    return int(close[0]) if close.size else len(generated)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from decoder_runner import Decoder
+from decoder_runner import Decoder, decided_steps
 from harness import assert_close
 
 from graphattn import export
@@ -50,16 +50,6 @@ def all_logits(out_dir):
     return logits.astype(np.float64)
 
 
-def decided_steps(functions_dir, generated, margin):
-    """How many greedy steps of ``generated`` (after PROMPT) have a top-2 logit margin
-    above ``margin`` in the functions graph, counted up to the first that does not."""
-    ids = np.array([PROMPT + generated])
-    logits, _ = Decoder(functions_dir)(ids, np.ones_like(ids))
-    top2 = np.sort(logits[0, len(PROMPT) - 1 : -1], axis=-1)[:, -2:]
-    close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= margin)
-    return int(close[0]) if close.size else len(generated)
-
-
 def assert_tracks_functions(out, root, precision, what):
     """Teacher-forced logits of the export ``out`` are within the precision's tolerance of the
     fp32 functions graph, and agree on the argmax often enough."""
@@ -83,7 +73,9 @@ def test_target_and_precision_track_fp32_functions(checkpoint, target, precision
     if precision in ("fp32", "fp16"):
         # tokens agree up to the first step whose top-2 logit margin in the reference is
         # within the precision's tolerance (there a tie may break either way)
-        steps = decided_steps(root / "functions", reference.token_ids, 2 * TOLERANCE[precision])
+        steps = decided_steps(
+            root / "functions", PROMPT, reference.token_ids, 2 * TOLERANCE[precision]
+        )
         assert steps >= 4 or precision == "fp16", f"reference has near-ties from step {steps}"
         assert ours.token_ids[:steps] == reference.token_ids[:steps]
     # int8/int4 (int8 activations): checked by the teacher-forced agreement above

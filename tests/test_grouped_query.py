@@ -11,7 +11,7 @@ import checkpoints
 import numpy as np
 import onnx
 import pytest
-from decoder_runner import Decoder
+from decoder_runner import Decoder, decided_steps
 from harness import assert_close
 
 from graphattn import export
@@ -189,17 +189,21 @@ def test_blocks_the_kernel_refuses_fall_back_to_attention(tmp_path, config):
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_ort_graph_on_cuda_gives_the_functions_tokens(tmp_path, precision):
     checkpoints.write_checkpoint(tmp_path / "hf", GQA_MODELS["llama-gqa"], seed=5)
-    export(tmp_path / "hf", tmp_path / "functions", target="functions")
+    export(tmp_path / "hf", tmp_path / "functions", target="functions", last_logits_only=False)
     export(tmp_path / "hf", tmp_path / "ort", target="ort", precision=precision)
     generator = Generator(tmp_path / "ort", provider="cuda", max_length=24)
     assert generator.model.device == "cuda"
     # fp16: the CUDA kernel appends in place; fp32: GQA falls back to the CPU provider
     assert generator.cache.name == ("shared" if precision == "fp16" else "bound")
-    expected = Generator(tmp_path / "functions", provider="cpu").generate(
-        PROMPTS, max_new_tokens=8, use_eos=False
-    )
-    actual = generator.generate(PROMPTS, max_new_tokens=8, use_eos=False)
-    assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
+    reference = Generator(tmp_path / "functions", provider="cpu")
+    for prompt in PROMPTS:
+        expected = reference.generate(prompt, max_new_tokens=8, use_eos=False).token_ids
+        actual = generator.generate(prompt, max_new_tokens=8, use_eos=False).token_ids
+        # fp16 may break a near-tie of the fp32 reference the other way: compare the steps
+        # whose top-2 margin is clear of fp16's error (fp32: 1e-4)
+        margin = 6e-2 if precision == "fp16" else 2e-4
+        steps = decided_steps(tmp_path / "functions", prompt, expected, margin)
+        assert actual[:steps] == expected[:steps], (prompt, steps)
 
 
 def build_with_interleaved_rope(hf_dir, out_dir, target):
