@@ -16,9 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.blockquant import BlockQuantized, quantize_columns
-from graphattn.compiler.rewrite import add_initializer, attribute, replace_node
-
-MS_DOMAIN = "com.microsoft"
+from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute, replace_node
 
 
 def _table(node: ir.Node) -> ir.Value | None:

@@ -33,10 +33,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.attention3d import AttentionBlock, match_block
-from graphattn.compiler.rewrite import add_initializer, attribute, cast_like
+from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute, cast_like
 from graphattn.ops.domain import DOMAIN, MASKED_BIAS
 
-MS_DOMAIN = "com.microsoft"
 DEFAULT_CONTEXT = 4096
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphattn.compiler.rewrite import attribute, take_over
-
-MS_DOMAIN = "com.microsoft"
+from graphattn.compiler.rewrite import MS_DOMAIN, attribute, take_over
 
 
 def fuse_skip_rms_norm(graph: ir.Graph) -> int:

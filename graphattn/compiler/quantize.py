@@ -20,10 +20,15 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.blockquant import BlockQuantized, pack_matmul_nbits, quantize_columns
-from graphattn.compiler.rewrite import add_initializer, attribute, replace_node, take_over
+from graphattn.compiler.rewrite import (
+    MS_DOMAIN,
+    add_initializer,
+    attribute,
+    replace_node,
+    take_over,
+)
 
 Prequantized = Mapping[str, Callable[[], BlockQuantized]]
-MS_DOMAIN = "com.microsoft"
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops
+
 
 def attribute(node: ir.Node, name: str, default=None):
     """The Python value of a node attribute, or ``default``."""
