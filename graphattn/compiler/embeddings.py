@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphattn.compiler.blockquant import BlockQuantized, quantize_columns
+from graphattn.compiler.blockquant import BlockQuantized, pack_matmul_nbits, quantize_columns
 from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute, replace_node
 
 
@@ -36,20 +36,10 @@ def pack_gather_block_quantized(
     quantized: BlockQuantized,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(data uint8 [V, C·bits/8], scales [V, blocks], zero_points or None) for
-    GatherBlockQuantized, from row blocks ``q [V, blocks, block_size]``."""
-    rows, blocks, _ = quantized.q.shape
-    levels = quantized.q.reshape(rows, -1)
-    bits = quantized.bits
-    data = levels if bits == 8 else levels[:, 0::2] | (levels[:, 1::2] << 4)
-    zero = quantized.zero_points
-    if np.all(zero == 1 << (bits - 1)):
-        zero = None
-    elif bits == 4:
-        if blocks % 2:
-            zero = np.concatenate([zero, np.zeros((rows, 1), np.uint8)], axis=1)
-        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-    scales = quantized.scales.astype(np.float32)
-    return data.astype(np.uint8), scales, None if zero is None else zero.astype(np.uint8)
+    GatherBlockQuantized, from row blocks ``q [V, blocks, block_size]``: MatMulNBits' layout
+    with its blocks side by side (the same bytes, which is what lets a tied table share)."""
+    packed, scales, zero = pack_matmul_nbits(quantized)
+    return packed.reshape(packed.shape[0], -1), scales, zero
 
 
 def _tied_output_projection(
