@@ -21,14 +21,13 @@ import onnx_ir as ir
 
 from graphattn.builder import build_decoder
 from graphattn.compiler import CompileOptions, compile_model
-from graphattn.compiler.pipeline import KV_BUFFER_KEY
 from graphattn.exporters.checkpoint import (
     PICKLE_SUFFIXES,
     Checkpoint,
     open_checkpoint,
     pickle_refused,
 )
-from graphattn.exporters.genai_config import genai_config
+from graphattn.exporters.genai_config import describe_graph, genai_config
 from graphattn.exporters.output_dir import staged_directory
 from graphattn.exporters.safetensors_reader import CheckpointError
 from graphattn.models import architecture_for
@@ -241,12 +240,7 @@ def export(
 
     with staged_directory(out_dir) as staging:
         save_model(model, staging, callback)
-        config = genai_config(
-            cfg,
-            architecture.genai_type or cfg.model_type,
-            share_buffer=model.metadata_props.get(KV_BUFFER_KEY) == "shared",
-            position_ids=any(v.name == "position_ids" for v in model.graph.inputs),
-        )
+        config = describe_graph(genai_config(cfg, architecture.genai_type or cfg.model_type), model)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = source.write_tokenizer(staging)
     out = Path(out_dir).absolute()

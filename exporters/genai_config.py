@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from graphattn.spec import ModelConfig
+import onnx_ir as ir
+
+from graphattn.spec import KV_BUFFER_KEY, ModelConfig
 
 
-def genai_config(
-    cfg: ModelConfig,
-    genai_type: str,
-    filename: str = "model.onnx",
-    share_buffer: bool = False,
-    position_ids: bool = True,
-) -> dict:
-    """The config dict for one decoder export (greedy search defaults, context-length max).
-    ``share_buffer``: the graph's attention appends into its past buffer in place;
-    ``position_ids``: the graph has that input."""
-    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
-    if position_ids:
+def describe_graph(config: dict, model: ir.Model) -> dict:
+    """Set in ``config`` (in place; also returned) what the compiled graph decided: whether
+    its attention appends into the past buffer in place (``past_present_share_buffer``), and
+    whether it still has a ``position_ids`` input."""
+    shared = model.metadata_props.get(KV_BUFFER_KEY) == "shared"
+    config.setdefault("search", {})["past_present_share_buffer"] = shared
+    inputs = config.setdefault("model", {}).setdefault("decoder", {}).setdefault("inputs", {})
+    if any(v.name == "position_ids" for v in model.graph.inputs):
         inputs["position_ids"] = "position_ids"
+    else:
+        inputs.pop("position_ids", None)
+    return config
+
+
+def genai_config(cfg: ModelConfig, genai_type: str, filename: str = "model.onnx") -> dict:
+    """The config dict for one decoder export (greedy search defaults, context-length max),
+    for the graph as built; :func:`describe_graph` then records what compiling changed."""
     eos = cfg.eos_token_id
     pad = cfg.pad_token_id
     if pad is None:
@@ -32,7 +38,9 @@ def genai_config(
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
-                    **inputs,
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -60,7 +68,7 @@ def genai_config(
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": share_buffer,
+            "past_present_share_buffer": False,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphattn import __version__, ops
 from graphattn.ops import GraphEmitter
-from graphattn.spec import ModelConfig
+from graphattn.spec import CONTEXT_KEY, ModelConfig
 
 INT64 = ir.DataType.INT64
 
@@ -171,5 +171,5 @@ def build_decoder(
         g.output(present_key, f"present.{i}.key", dtype, present_shape)
         g.output(present_value, f"present.{i}.value", dtype, present_shape)
     model = g.model(producer_version=__version__)
-    model.metadata_props["graphattn.context_length"] = str(cfg.context_length)
+    model.metadata_props[CONTEXT_KEY] = str(cfg.context_length)
     return model

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphattn.spec import KV_BUFFER_KEY
+
 
 def _dims(value: onnx.ValueInfoProto) -> str:
     tensor = value.type.tensor_type
@@ -62,7 +64,7 @@ def describe(out_dir: str | Path) -> str:
             ("dtype", "graphattn.dtype"),
             ("target", "graphattn.target"),
             ("precision", "graphattn.precision"),
-            ("kv_buffer", "graphattn.kv_buffer"),
+            ("kv_buffer", KV_BUFFER_KEY),
         )
         if key in metadata
     )

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Model metadata the builder and compiler write (runtime/session.py reads the same keys; the
+# runtime imports nothing from the builder side, so it spells them itself).
+CONTEXT_KEY = "graphattn.context_length"  # positions the graph supports (RoPE tables)
+KV_BUFFER_KEY = "graphattn.kv_buffer"  # "shared": past and present may be one buffer
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -214,7 +214,7 @@ def build_with_interleaved_rope(hf_dir, out_dir, target):
     from graphattn.builder import build_decoder
     from graphattn.compiler import compile_model
     from graphattn.exporters.export import lazy_tensors, open_source, plan_weights, save_model
-    from graphattn.exporters.genai_config import genai_config
+    from graphattn.exporters.genai_config import describe_graph, genai_config
     from graphattn.models import architecture_for
 
     source = open_source(hf_dir)
@@ -227,8 +227,7 @@ def build_with_interleaved_rope(hf_dir, out_dir, target):
         compile_model(model, CompileOptions(target))
     out_dir.mkdir()
     save_model(model, out_dir)
-    shared = model.metadata_props.get("graphattn.kv_buffer") == "shared"
-    config = genai_config(cfg, "llama", share_buffer=shared)
+    config = describe_graph(genai_config(cfg, "llama"), model)
     (out_dir / "genai_config.json").write_text(json.dumps(config))
     return model
 

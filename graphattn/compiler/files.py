@@ -7,9 +7,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graphattn.compiler.pipeline import KV_BUFFER_KEY, CompileOptions, compile_model
+from graphattn.compiler.pipeline import CompileOptions, compile_model
 from graphattn.exporters.checkpoint import TOKENIZER_FILES, copy_present
 from graphattn.exporters.export import MODEL_FILE, save_model
+from graphattn.exporters.genai_config import describe_graph
 from graphattn.exporters.output_dir import staged_directory
 
 
@@ -31,11 +32,6 @@ def compile_export(in_dir: str | Path, out_dir: str | Path, options: CompileOpti
         copy_present(in_dir, staging, TOKENIZER_FILES)
         config_path = in_dir / "genai_config.json"
         if config_path.is_file():
-            config = json.loads(config_path.read_text())
-            shared = model.metadata_props.get(KV_BUFFER_KEY) == "shared"
-            config.setdefault("search", {})["past_present_share_buffer"] = shared
-            names = config.get("model", {}).get("decoder", {}).get("inputs", {})
-            if not any(v.name == "position_ids" for v in model.graph.inputs):
-                names.pop("position_ids", None)
+            config = describe_graph(json.loads(config_path.read_text()), model)
             (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir.absolute() / MODEL_FILE

@@ -18,10 +18,9 @@ from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.pack import pack_matmuls
 from graphattn.compiler.portable import lower_portable
 from graphattn.compiler.quantize import Prequantized, quantize_weights
+from graphattn.spec import CONTEXT_KEY, KV_BUFFER_KEY
 
 TARGETS = ("functions", "portable", "ort")
-CONTEXT_KEY = "graphattn.context_length"
-KV_BUFFER_KEY = "graphattn.kv_buffer"  # "shared": past and present may be one buffer
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
