@@ -67,11 +67,10 @@ class _Cache:
             ]
         return self.buffers
 
-    def _bound(self, input_ids, attention_mask, position_ids):
-        """A cleared IOBinding with the token inputs and the host logits output bound."""
+    def _bind_tokens(self, input_ids, attention_mask, position_ids):
+        """(Re)bind this step's token inputs and the host logits output; returns the binding
+        (a name bound again replaces its previous binding)."""
         io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
         for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
             io.bind_cpu_input(name, np.ascontiguousarray(array))
         io.bind_output("logits", "cpu")
@@ -142,7 +141,9 @@ class BoundCache(_Cache):
         batch, new = input_ids.shape
         past_shape = [batch, cfg.kv_heads, self.length, cfg.head_dim]
         present_shape = [batch, cfg.kv_heads, self.length + new, cfg.head_dim]
-        io = self._bound(input_ids, attention_mask, position_ids)
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        io = self._bind_tokens(input_ids, attention_mask, position_ids)
         for layer in range(cfg.num_layers):
             read, write = self.buffers[layer][self.turn], self.buffers[layer][1 - self.turn]
             pasts, presents = self.model.past_names(layer), self.model.present_names(layer)
@@ -185,10 +186,7 @@ class SharedCache(_Cache):
     def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
         self._check(input_ids.shape[1])
-        io = self.binding
-        for name, array in self._feeds(input_ids, attention_mask, position_ids).items():
-            io.bind_cpu_input(name, np.ascontiguousarray(array))
-        io.bind_output("logits", "cpu")
+        io = self._bind_tokens(input_ids, attention_mask, position_ids)
         self.model.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         self.length += input_ids.shape[1]
