@@ -47,8 +47,8 @@ def _unrotated(value: ir.Value):
 class AttentionBlock:
     """One decoder attention block in the functions graph, from head split to head merge.
 
-    ``query_BSC`` etc. are the 3-D projections before SplitHeads; ``past_key``/``past_value``
-    ``[B, Hkv, P, D]``; the rotary nodes are None when the block has no RoPE."""
+    ``projections_BSC`` are the 3-D q/k/v projections before SplitHeads; ``pasts`` the past
+    key/value ``[B, Hkv, P, D]``; the rotary nodes are None when the block has no RoPE."""
 
     sdpa: ir.Node
     merge: ir.Node

@@ -157,7 +157,8 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
         block = match_block(node)
         if block is None or (block.q_rotary is None) != (block.k_rotary is None):
             continue
-        if _head_dim(block) is None or _head_dim(block) % 16:
+        head_dim = _head_dim(block)
+        if head_dim is None or head_dim % 16:
             continue  # the kernel needs head_size % 16 == 0
         tables = (None, None)
         if block.q_rotary is not None:
