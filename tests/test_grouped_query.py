@@ -10,6 +10,7 @@ import shutil
 import checkpoints
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from decoder_runner import Decoder, decided_steps
 from harness import assert_close
@@ -247,3 +248,16 @@ def test_interleaved_rope_goes_into_the_kernel(tmp_path):
     export(tmp_path / "hf", tmp_path / "halves", target="functions", last_logits_only=False)
     halves, _ = Decoder(tmp_path / "halves")(ids, mask)
     assert np.abs(halves[real] - expected[real]).max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_only_a_causal_mask_goes_to_the_always_causal_kernel(causal):
+    from graphattn import ops
+    from graphattn.compiler.grouped_query import _causal_window
+    from graphattn.ops import GraphEmitter
+
+    g = GraphEmitter("masks")
+    mask = g.input("attention_mask", ir.DataType.INT64, ["batch", "total_sequence"])
+    ids = g.input("input_ids", ir.DataType.INT64, ["batch", "sequence"])
+    bias = ops.attention_bias(g, mask, ids, causal=causal, window=3 if causal else None)
+    assert _causal_window(bias) == (3 if causal else None)  # None: the block keeps Attention

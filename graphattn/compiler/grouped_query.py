@@ -14,7 +14,8 @@ left-padded row that is the model's position plus the row's pad count: every que
 the row is shifted by the same amount, and RoPE scores depend only on position differences,
 so the attention is the same (to float rounding) as with ``position_ids``. Causality and a
 sliding window (``local_window_size``) are the kernel's own; ``attention_bias`` only drops pad
-keys. A bias that is not a causal ``AttentionBias`` call is passed to the kernel whole.
+keys. Blocks whose bias is not a causal ``AttentionBias`` call keep opset-23 Attention (the
+kernel is always causal).
 
 Lengths, computed once per graph from the input shapes (left padding: every row's cache has
 the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
@@ -135,8 +136,8 @@ def _graph_inputs(graph: ir.Graph, anchor: ir.Node) -> _GraphInputs:
 
 
 def _causal_window(bias: ir.Value) -> int | None:
-    """The window of a causal ``AttentionBias`` call behind ``bias`` (0 = none), or None when
-    the bias is something else (then it is passed to the kernel whole)."""
+    """The window (0 = none) of the causal ``AttentionBias`` call behind ``bias``, or None when
+    the bias is anything else: the kernel is always causal, so only such blocks are lowered."""
     node = bias.producer()
     if node is None or node.domain != DOMAIN or node.op_type != "AttentionBias":
         return None
@@ -160,6 +161,9 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
         head_dim = _head_dim(block)
         if head_dim is None or head_dim % 16:
             continue  # the kernel needs head_size % 16 == 0
+        window = _causal_window(block.bias)
+        if window is None:
+            continue
         tables = (None, None)
         if block.q_rotary is not None:
             if block.q_rotary.op_type != block.k_rotary.op_type:
@@ -171,9 +175,8 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
             shared = _graph_inputs(graph, next(iter(graph)))
         scope = node.name
         query_BSC, key_BSC, value_BSC = block.projections_BSC
-        window = _causal_window(block.bias)
-        # causality (and a window) by the kernel itself; the bias then only drops pad keys
-        bias = block.bias if window is None else shared.padding_bias
+        # causality (and a window) by the kernel itself; the bias only drops pad keys
+        bias = shared.padding_bias
         if np_dtype is not np.float32:
             bias = cast_like(graph, node, bias, query_BSC, f"{scope}/bias")
         attrs = {
