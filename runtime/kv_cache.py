@@ -47,7 +47,7 @@ class _Cache:
             feeds["position_ids"] = position_ids
         return feeds
 
-    def _allocate(self, batch: int, copies: int) -> list:
+    def _allocate(self, batch: int, copies: int) -> None:
         """``[layer][copy][key/value]`` OrtValues ``[batch, kv_heads, capacity, head_dim]`` on
         the session's device (reused while the batch size stays the same)."""
         cfg = self.model.config
@@ -65,7 +65,6 @@ class _Cache:
                 ]
                 for _ in range(cfg.num_layers)
             ]
-        return self.buffers
 
     def _bind_tokens(self, input_ids, attention_mask, position_ids):
         """(Re)bind this step's token inputs and the host logits output; returns the binding
@@ -75,22 +74,6 @@ class _Cache:
             io.bind_cpu_input(name, np.ascontiguousarray(array))
         io.bind_output("logits", "cpu")
         return io
-
-    def _cached(self, buffers: list) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``length`` positions of one layer's key and value buffers, where the
-        buffers hold ``[batch, kv_heads, length, head_dim]`` contiguously (``packed``) or
-        ``[batch, kv_heads, capacity, head_dim]``."""
-        cfg = self.model.config
-        out = []
-        for part in range(2):
-            full = buffers[part].numpy()
-            if self.packed:
-                count = self.batch * cfg.kv_heads * self.length * cfg.head_dim
-                flat = full.reshape(-1)[:count]
-                out.append(flat.reshape(self.batch, cfg.kv_heads, self.length, cfg.head_dim))
-            else:
-                out.append(full[:, :, : self.length])
-        return out[0], out[1]
 
 
 class PlainCache(_Cache):
@@ -125,7 +108,6 @@ class BoundCache(_Cache):
     """Preallocated per-layer buffers on the session's device, bound through IOBinding."""
 
     name = "bound"
-    packed = True
 
     def reset(self, batch: int) -> None:
         """Allocate (or reuse) two ``[batch, kv_heads, capacity, head_dim]`` buffers per
@@ -158,8 +140,15 @@ class BoundCache(_Cache):
         return logits
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The cached key and value of one layer as host arrays (for tests and debugging)."""
-        return self._cached(self.buffers[index][self.turn])
+        """The cached key and value of one layer as host arrays (for tests and debugging): the
+        present last written, ``[batch, kv_heads, length, head_dim]`` at each buffer's start."""
+        cfg = self.model.config
+        shape = (self.batch, cfg.kv_heads, self.length, cfg.head_dim)
+        count = int(np.prod(shape))
+        key, value = (
+            b.numpy().reshape(-1)[:count].reshape(shape) for b in self.buffers[index][self.turn]
+        )
+        return key, value
 
 
 class SharedCache(_Cache):
@@ -167,7 +156,6 @@ class SharedCache(_Cache):
     attention appends in place at each row's ``seqlens_k``)."""
 
     name = "shared"
-    packed = False
 
     def reset(self, batch: int) -> None:
         """Allocate (or reuse) one ``[batch, kv_heads, capacity, head_dim]`` buffer per
@@ -193,8 +181,10 @@ class SharedCache(_Cache):
         return logits
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The cached key and value of one layer as host arrays (for tests and debugging)."""
-        return self._cached(self.buffers[index][0])
+        """The cached key and value of one layer as host arrays (for tests and debugging): the
+        first ``length`` slots of its ``[batch, kv_heads, capacity, head_dim]`` buffers."""
+        key, value = (b.numpy()[:, :, : self.length] for b in self.buffers[index][0])
+        return key, value
 
 
 CACHES = {"bound": BoundCache, "plain": PlainCache, "shared": SharedCache}
