@@ -122,8 +122,8 @@ def test_quantized_embeddings_replace_the_float_tables(checkpoint, tmp_path):
     ]
     size = (quantized / "model.onnx.data").stat().st_size
     assert size < (plain / "model.onnx.data").stat().st_size
-    if checkpoints.GPT2.get("tie_word_embeddings") and name == "gpt2":
-        # tied: the token table reuses the output projection's blocks through a Reshape
+    if name == "gpt2":  # tied (tie_word_embeddings), so the token table reuses the output
+        # projection's blocks through a Reshape
         token = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
         reshape = next(n for n in graph.node if token.input[0] in n.output)
         assert reshape.op_type == "Reshape" and reshape.input[0].endswith(".q4.B")
