@@ -30,6 +30,7 @@ from graphattn.exporters.checkpoint import (
 from graphattn.exporters.genai_config import describe_graph, genai_config
 from graphattn.exporters.output_dir import staged_directory
 from graphattn.exporters.safetensors_reader import CheckpointError
+from graphattn.exporters.transformersjs_layout import ONNX_DIR, arrange, model_file_name
 from graphattn.models import architecture_for
 from graphattn.spec import Architecture, ModelConfig, WeightSource
 
@@ -37,6 +38,9 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DEFAULT_TARGET = "ort"  # measured fastest on CPU: see README "Against the field"
 DTYPES = {"fp32": (ir.DataType.FLOAT, np.float32), "fp16": (ir.DataType.FLOAT16, np.float16)}
+# Directory layouts: "genai" (ONNX Runtime GenAI: model.onnx at the top) or "transformers.js"
+# (onnx/model{_q4,...}.onnx + config.json, see graphattn.exporters.transformersjs_layout).
+LAYOUTS = ("genai", "transformers.js")
 
 Progress = Callable[[int, int, str], None]
 
@@ -50,6 +54,7 @@ class ExportResult:
     data: Path
     genai_config: Path
     tokenizer_files: list[Path] = field(default_factory=list)
+    layout_files: list[Path] = field(default_factory=list)
     config: ModelConfig | None = None
     parameters: int = 0
     seconds: float = 0.0
@@ -57,7 +62,7 @@ class ExportResult:
     @property
     def paths(self) -> list[Path]:
         """Every file written."""
-        return [self.model, self.data, self.genai_config, *self.tokenizer_files]
+        return [self.model, self.data, self.genai_config, *self.tokenizer_files, *self.layout_files]
 
 
 def open_source(checkpoint: str | Path):
@@ -172,6 +177,7 @@ def export(
     symmetric: bool = False,
     quantize_embeddings: bool = True,
     last_logits_only: bool = True,
+    layout: str = "genai",
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a checkpoint (HF directory, ``.gguf`` file or known model name) to ``out_dir``.
@@ -190,6 +196,9 @@ def export(
     ``quantize_embeddings``: ``ort`` int4/int8 also store the embedding tables block-quantized
     (GatherBlockQuantized; a tied table shares the output projection's blocks).
     ``last_logits_only``: logits for the last position only (cheaper prefill).
+    ``layout``: ``genai`` (``model.onnx`` + ``model.onnx.data`` beside ``genai_config.json``)
+    or ``transformers.js`` (``onnx/model{suffix}.onnx`` + ``.onnx_data``, ``config.json``,
+    ``generation_config.json``; see :mod:`graphattn.exporters.transformersjs_layout`).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     """
     if dtype is not None:
@@ -198,6 +207,8 @@ def export(
         if precision not in ("fp32", dtype):
             raise ValueError(f"dtype={dtype!r} conflicts with precision={precision!r}")
         precision = dtype
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     options = CompileOptions(
         target,
         precision,
@@ -243,13 +254,21 @@ def export(
         config = describe_graph(genai_config(cfg, architecture.genai_type or cfg.model_type), model)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = source.write_tokenizer(staging)
+        model_file, data_file, moved = MODEL_FILE, DATA_FILE, []
+        if layout == "transformers.js":
+            moved = arrange(staging, cfg, precision)
+            model_file = f"{ONNX_DIR}/{model_file_name(precision)}"
+            data_file = f"{model_file}_data"
     out = Path(out_dir).absolute()
     return ExportResult(
         out_dir=out,
-        model=out / MODEL_FILE,
-        data=out / DATA_FILE,
+        model=out / model_file,
+        data=out / data_file,
         genai_config=out / "genai_config.json",
         tokenizer_files=[out / name for name in copied],
+        layout_files=[
+            out / p for p in moved if str(p) not in (model_file, data_file, "genai_config.json")
+        ],
         config=cfg,
         parameters=parameters,
         seconds=time.perf_counter() - started,

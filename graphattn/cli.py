@@ -144,6 +144,13 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="GGUF with int4/int8: quantize afresh (faster) instead of keeping its blocks",
     )
+    parser.add_argument(
+        "--layout",
+        choices=["genai", "transformers.js"],
+        default="genai",
+        help="output files: genai (model.onnx + genai_config.json) or transformers.js"
+        " (onnx/model{,_fp16,_q4,_quantized}.onnx + config.json, for pipeline(dir))",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -165,6 +172,7 @@ def _export(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         quantize_embeddings=not args.float_embeddings,
         last_logits_only=not args.all_logits,
+        layout=args.layout,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
         else None,
