@@ -5,7 +5,8 @@
 
 1. Fetch the SmolLM2 GGUF and ``graphattn convert`` it to an HF directory, so every builder
    starts from the same float weights.
-2. Export with graphattn (portable and ort fp32; ort int4 from the HF directory,
+2. Export with graphattn (portable and ort fp32; ort fp32 and int4 for onnxruntime 1.30, the
+   default, and ``--ort-version 1.32``; ort int4 from the HF directory,
    round-to-nearest like the others, asymmetric (our default) and symmetric (GenAI's
    default); ort int4 lossless from the GGUF) and with ONNX Runtime GenAI's builder (fp32,
    int4) when ``onnxruntime_genai`` is importable — each export in its own process, timed,
@@ -16,7 +17,8 @@
    do; else the bound cache). GenAI's graphs also run in GenAI's own generator ("ORT GenAI
    runtime" rows). Rounds are interleaved so that machine noise hits every model alike; the
    median round is kept. llama.cpp runs the GGUF when ``llama_cpp`` is importable.
-4. Print the table and the ratios to GenAI's graph (same loop) at the same precision.
+4. Print the table and the ratios to GenAI's graph (same loop) at the same precision, then
+   the batched-continuation speed of the ort fp32 graphs at both onnxruntime versions.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def time_graph(path: Path, prompt: list[int], new_tokens: int, cache: str) -> tu
         pass
     t = timings.as_dict()
     return t["prefill_tokens_per_s"], t["decode_tokens_per_s"]
+
+
+def time_continuation(path: Path, prompt: list[int], rows: int, new_tokens: int) -> float:
+    """tok/s (all rows) of a batch of ``rows`` continuing with ``new_tokens`` known tokens
+    after a past of ``prompt`` (a second chat turn): one call where the graph takes it
+    (GroupQueryAttention with query_seqlens, onnxruntime 1.32+), else one token per call."""
+    from graphattn.runtime import Generator
+
+    cache = Generator(path, provider="cpu", max_length=len(prompt) + new_tokens).cache
+    ids = np.array([prompt + prompt[:new_tokens]] * rows, dtype=np.int64)
+    mask = np.ones_like(ids)
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    cache.reset(rows)
+    cache.step(ids[:, : len(prompt)], mask[:, : len(prompt)], positions[:, : len(prompt)])
+    started = time.perf_counter()
+    cache.step(ids[:, len(prompt) :], mask, positions[:, len(prompt) :])
+    return rows * new_tokens / (time.perf_counter() - started)
 
 
 def time_genai_runtime(path: Path, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -157,10 +176,34 @@ def main() -> None:
         lambda out: graphattn_cli("export", str(hf), "-o", str(out), "--target", "ort", "--quiet"),
     )
     export_row(
+        "graphattn ort fp32 --ort-version 1.32",
+        "fp32",
+        lambda out: graphattn_cli(
+            "export", str(hf), "-o", str(out), "--target", "ort", "--ort-version", "1.32", "--quiet"
+        ),
+    )
+    export_row(
         "graphattn ort int4",
         "int4",
         lambda out: graphattn_cli(
             "export", str(hf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
+        ),
+    )
+    export_row(
+        "graphattn ort int4 --ort-version 1.32",
+        "int4",
+        lambda out: graphattn_cli(
+            "export",
+            str(hf),
+            "-o",
+            str(out),
+            "--target",
+            "ort",
+            "--precision",
+            "int4",
+            "--ort-version",
+            "1.32",
+            "--quiet",
         ),
     )
     export_row(
@@ -232,9 +275,15 @@ def main() -> None:
             path, prompt, args.new_tokens
         )
     speeds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    continued = [n for n in rows if n.startswith("graphattn ort fp32")]
+    continuation: dict[str, list[float]] = {name: [] for name in continued}
     for _ in range(args.rounds):
         for name, timer in timers.items():
             speeds[name].append(timer())
+        for name in continued:
+            continuation[name].append(
+                time_continuation(rows[name]["path"], prompt[:128], 4, args.new_tokens)
+            )
     for name, row in rows.items():
         row["prefill_tok_s"] = statistics.median(s[0] for s in speeds[name])
         row["decode_tok_s"] = statistics.median(s[1] for s in speeds[name])
@@ -247,6 +296,8 @@ def main() -> None:
             "prefill_tok_s": cpp[0],
             "decode_tok_s": cpp[1],
         }
+    for name in continued:
+        rows[name]["batched_continuation_tok_s"] = statistics.median(continuation[name])
     report(list(rows.values()), args)
 
 
@@ -289,6 +340,13 @@ def report(rows: list[dict], args) -> None:
             f"{r['model']:<36}{export_s:>9}{rss:>12}{r['prefill_tok_s']:>14.1f}"
             f"{r['decode_tok_s']:>13.1f}   {ratios}"
         )
+    print(
+        f"\nA batch of 4 rows continuing with {args.new_tokens} tokens after a 128-token past"
+        " (one call with query_seqlens, else one token per call), tok/s:"
+    )
+    for r in rows:
+        if "batched_continuation_tok_s" in r:
+            print(f"{r['model']:<40}{r['batched_continuation_tok_s']:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graphattn.builder import build_decoder
 from graphattn.compiler import CompileOptions, compile_model
+from graphattn.compiler.ort_version import DEFAULT_ORT_VERSION
 from graphattn.exporters.checkpoint import (
     PICKLE_SUFFIXES,
     Checkpoint,
@@ -176,6 +177,7 @@ def export(
     grouped_query: bool = True,
     symmetric: bool = False,
     quantize_embeddings: bool = True,
+    ort_version: str = DEFAULT_ORT_VERSION,
     last_logits_only: bool = True,
     layout: str = "genai",
     progress: Progress | None = None,
@@ -195,6 +197,8 @@ def export(
     tensor) instead of per-block asymmetric ranges.
     ``quantize_embeddings``: ``ort`` int4/int8 also store the embedding tables block-quantized
     (GatherBlockQuantized; a tied table shares the output projection's blocks).
+    ``ort_version``: the onnxruntime (``"X.Y"``) the graph must load in; the default is the
+    newest on both PyPI and npm, so Node.js, browsers and transformers.js load it too.
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``layout``: ``genai`` (``model.onnx`` + ``model.onnx.data`` beside ``genai_config.json``)
     or ``transformers.js`` (``onnx/model{suffix}.onnx`` + ``.onnx_data``, ``config.json``,
@@ -218,6 +222,7 @@ def export(
         grouped_query,
         symmetric,
         quantize_embeddings,
+        ort_version,
     )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()

@@ -1,10 +1,12 @@
 """The decoder builder: one straight loop over layers composing ``graphattn.ops`` functions.
 
 I/O follows Optimum / ONNX Runtime GenAI so their apps run our files unchanged:
-``input_ids [batch, sequence]``, ``attention_mask [batch, total_sequence]``,
-``position_ids [batch, sequence]`` (int64), ``past_key_values.{i}.key|value
-[batch, kv_heads, past_sequence, head_dim]`` → ``logits [batch, sequence, vocab]``,
-``present.{i}.key|value [batch, kv_heads, total_sequence, head_dim]``.
+``input_ids [batch_size, sequence_length]``, ``attention_mask [batch_size,
+total_sequence_length]``, ``position_ids [batch_size, sequence_length]`` (int64),
+``past_key_values.{i}.key|value [batch_size, kv_heads, past_sequence_length, head_dim]`` →
+``logits [batch_size, sequence_length, vocab]``, ``present.{i}.key|value [batch_size, kv_heads,
+total_sequence_length, head_dim]``. The symbolic dims carry exactly those names (transformers.js
+builds its empty cache from them and resolves only ``batch_size``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import onnx_ir as ir
 
 from graphattn import __version__, ops
 from graphattn.ops import GraphEmitter
-from graphattn.spec import CONTEXT_KEY, ModelConfig
+from graphattn.spec import BATCH, CONTEXT_KEY, PAST, SEQUENCE, TOTAL, ModelConfig
 
 INT64 = ir.DataType.INT64
 
@@ -66,16 +68,17 @@ def build_decoder(
     """The decoder graph for ``cfg``; ``tensors`` maps builder roles to (lazy) weight tensors.
 
     ``dtype`` is the float type of the weights, KV cache and logits (FLOAT or FLOAT16).
-    ``last_logits_only``: logits ``[batch, 1, vocab]`` for the last position only (prefill
-    skips the output projection of every other position); else ``[batch, sequence, vocab]``.
+    ``last_logits_only``: logits ``[batch_size, 1, vocab]`` for the last position only
+    (prefill skips the output projection of every other position); else ``[batch_size,
+    sequence_length, vocab]``.
     """
     g = GraphEmitter(f"{cfg.model_type}_decoder")
     w = _Weights(g, tensors)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    input_ids = g.input("input_ids", INT64, ["batch", "sequence"])
-    attention_mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
-    position_ids = g.input("position_ids", INT64, ["batch", "sequence"])
-    past_shape = ["batch", kv_heads, "past_sequence", head_dim]
+    input_ids = g.input("input_ids", INT64, [BATCH, SEQUENCE])
+    attention_mask = g.input("attention_mask", INT64, [BATCH, TOTAL])
+    position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
+    past_shape = [BATCH, kv_heads, PAST, head_dim]
     pasts = [
         (
             g.input(f"past_key_values.{i}.key", dtype, past_shape),
@@ -164,9 +167,9 @@ def build_decoder(
         hidden = g.op("Slice", [hidden, last, end, axis], name="last_position")
     hidden = _norm(g, cfg, hidden, w, "final_norm", "final_norm")
     logits = ops.lm_head(g, hidden, w["lm_head.weight"], name="lm_head")
-    logits_length = 1 if last_logits_only else "sequence"
-    g.output(logits, "logits", dtype, ["batch", logits_length, cfg.vocab_size])
-    present_shape = ["batch", kv_heads, "total_sequence", head_dim]
+    logits_length = 1 if last_logits_only else SEQUENCE
+    g.output(logits, "logits", dtype, [BATCH, logits_length, cfg.vocab_size])
+    present_shape = [BATCH, kv_heads, TOTAL, head_dim]
     for i, (present_key, present_value) in enumerate(presents):
         g.output(present_key, f"present.{i}.key", dtype, present_shape)
         g.output(present_value, f"present.{i}.value", dtype, present_shape)

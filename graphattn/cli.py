@@ -58,6 +58,7 @@ def _list_ops(_: argparse.Namespace) -> int:
 
 def _compile_options(parser: argparse.ArgumentParser) -> None:
     from graphattn.compiler import PRECISIONS, TARGETS
+    from graphattn.compiler.ort_version import DEFAULT_ORT_VERSION
     from graphattn.exporters.export import DEFAULT_TARGET
 
     parser.add_argument("--target", choices=TARGETS, default=DEFAULT_TARGET)
@@ -82,6 +83,13 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         "--no-grouped-query",
         action="store_true",
         help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
+    )
+    parser.add_argument(
+        "--ort-version",
+        default=DEFAULT_ORT_VERSION,
+        metavar="X.Y",
+        help="the onnxruntime the graph must load in (default %(default)s: the newest on both"
+        " PyPI and npm; 1.32 adds GroupQueryAttention's query_seqlens)",
     )
 
 
@@ -112,6 +120,7 @@ def _compile(args: argparse.Namespace) -> int:
         grouped_query=not args.no_grouped_query,
         symmetric=args.symmetric,
         quantize_embeddings=not args.float_embeddings,
+        ort_version=args.ort_version,
     )
     print(compile_export(args.export_dir, args.output, options))
     return 0
@@ -171,6 +180,7 @@ def _export(args: argparse.Namespace) -> int:
         grouped_query=not args.no_grouped_query,
         symmetric=args.symmetric,
         quantize_embeddings=not args.float_embeddings,
+        ort_version=args.ort_version,
         last_logits_only=not args.all_logits,
         layout=args.layout,
         progress=stderr_progress

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphattn.spec import KV_BUFFER_KEY
+from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY
 
 
 def _dims(value: onnx.ValueInfoProto) -> str:
@@ -65,6 +65,7 @@ def describe(out_dir: str | Path) -> str:
             ("target", "graphattn.target"),
             ("precision", "graphattn.precision"),
             ("kv_buffer", KV_BUFFER_KEY),
+            ("min_onnxruntime", MIN_ORT_KEY),
         )
         if key in metadata
     )

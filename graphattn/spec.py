@@ -17,6 +17,16 @@ import numpy as np
 # runtime imports nothing from the builder side, so it spells them itself).
 CONTEXT_KEY = "graphattn.context_length"  # positions the graph supports (RoPE tables)
 KV_BUFFER_KEY = "graphattn.kv_buffer"  # "shared": past and present may be one buffer
+MIN_ORT_KEY = "graphattn.min_onnxruntime"  # "X.Y": the oldest onnxruntime that runs the graph
+# "one_token": a batch of several rows continuing after a past takes one token per call
+CONTINUATION_KEY = "graphattn.batched_continuation"
+
+# Symbolic dims of a decoder's I/O, named as Optimum and ONNX Runtime GenAI name them
+# (transformers.js resolves only BATCH when it builds its empty cache from the graph).
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PAST = "past_sequence_length"
+TOTAL = "total_sequence_length"
 
 
 @dataclass(frozen=True)

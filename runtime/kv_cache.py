@@ -41,6 +41,28 @@ class _Cache:
                 f" {self.capacity} tokens"
             )
 
+    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` (``[B, 1, V]`` from a
+        last-logits graph) and extends the cache.
+
+        A graph that cannot take several rows continuing with several tokens after a past in
+        one call (``one_token_continuation``) gets them one token per call: the same attention
+        over the same keys, so the result is exact."""
+        batch, new = input_ids.shape
+        if not (self.model.one_token_continuation and batch > 1 and new > 1 and self.length):
+            return self._run(input_ids, attention_mask, position_ids)
+        self._check(new)
+        total = attention_mask.shape[1]
+        pieces = [
+            self._run(
+                input_ids[:, t : t + 1],
+                attention_mask[:, : total - new + t + 1],
+                position_ids[:, t : t + 1],
+            )
+            for t in range(new)
+        ]
+        return pieces[-1] if self.model.last_logits_only else np.concatenate(pieces, axis=1)
+
     def _feeds(self, input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.model.has_position_ids:
@@ -88,8 +110,8 @@ class PlainCache(_Cache):
         self.pasts = [(empty, empty)] * cfg.num_layers
         self.length, self.batch = 0, batch
 
-    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
-        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+    def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache."""
         self._check(input_ids.shape[1])
         feeds = self._feeds(input_ids, attention_mask, position_ids)
         for layer, (key, value) in enumerate(self.pasts):
@@ -116,8 +138,8 @@ class BoundCache(_Cache):
         self.binding = self.model.session.io_binding()
         self.turn, self.length, self.batch = 0, 0, batch
 
-    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
-        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+    def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache."""
         self._check(input_ids.shape[1])
         cfg, device, dtype = self.model.config, self.model.device, self.model.kv_dtype
         batch, new = input_ids.shape
@@ -171,8 +193,8 @@ class SharedCache(_Cache):
                 io.bind_ortvalue_output(self.model.present_names(layer)[part], buffers[part])
         self.length, self.batch = 0, batch
 
-    def step(self, input_ids, attention_mask, position_ids) -> np.ndarray:
-        """Run new tokens ``[B, S]``; returns logits ``[B, S, V]`` and extends the cache."""
+    def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache."""
         self._check(input_ids.shape[1])
         io = self._bind_tokens(input_ids, attention_mask, position_ids)
         self.model.session.run_with_iobinding(io)

@@ -17,6 +17,7 @@ from graphattn.runtime.config import (
     locate_model,
     numpy_dtype,
 )
+from graphattn.runtime.model_metadata import read_metadata, version_tuple
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _OPTIMIZATION = {
@@ -47,6 +48,24 @@ def _providers(provider: str) -> list[str]:
 
 CONTEXT_KEY = "graphattn.context_length"  # model metadata: positions the graph supports
 KV_BUFFER_KEY = "graphattn.kv_buffer"  # model metadata: "shared" when past/present may alias
+MIN_ORT_KEY = "graphattn.min_onnxruntime"  # model metadata: oldest onnxruntime that runs it
+# model metadata: "one_token" when a batch continuing after a past takes one token per call
+CONTINUATION_KEY = "graphattn.batched_continuation"
+
+
+def check_onnxruntime(model_path: Path, installed: str = ort.__version__) -> None:
+    """Refuse (ModelLoadError, one line) a model whose metadata asks for a newer onnxruntime
+    than ``installed``; say how to get one that loads. Read before onnxruntime loads it."""
+    try:
+        needed = read_metadata(model_path).get(MIN_ORT_KEY)
+    except (OSError, ValueError):
+        return  # not readable as a model: onnxruntime's own load error says more
+    if needed and version_tuple(installed) < version_tuple(needed):
+        ours = ".".join(str(part) for part in version_tuple(installed)[:2])
+        raise ModelLoadError(
+            f"{model_path}: needs onnxruntime >= {needed}, but {installed} is installed"
+            f" (upgrade onnxruntime, or re-export for it with --ort-version {ours})"
+        )
 
 
 class ModelSession:
@@ -55,7 +74,11 @@ class ModelSession:
     ``device`` is ``"cuda"`` when the CUDA provider actually loaded, else ``"cpu"``.
     ``shares_kv_buffer``: the graph's attention can append into its past buffer in place
     (``past_present_share_buffer`` in genai_config.json, or our model metadata), and does
-    so on this device (not an fp32 graph under CUDA).
+    so on this device (not an fp32 graph under CUDA). ``one_token_continuation``: a batch of
+    several rows continuing after a past must be fed one token per call (the caches do so).
+    ``last_logits_only``: the graph's logits are ``[batch_size, 1, vocab]``.
+    An export whose metadata needs a newer onnxruntime than the installed one is refused
+    before onnxruntime loads it.
     """
 
     def __init__(
@@ -67,6 +90,7 @@ class ModelSession:
         optimization: str = "all",
     ) -> None:
         model_path, config_path = locate_model(path)
+        check_onnxruntime(model_path)
         options = ort.SessionOptions()
         if optimization not in _OPTIMIZATION:
             raise ValueError(f"optimization must be one of {', '.join(_OPTIMIZATION)}")
@@ -101,6 +125,11 @@ class ModelSession:
         first_past = next(i for i in inputs if i.name == self.past_names(0)[0])
         self.kv_dtype = numpy_dtype(first_past.type)
         self.has_position_ids = "position_ids" in self.input_names
+        logits_length = next(o for o in outputs if o.name == "logits").shape[1]
+        self.last_logits_only = logits_length == 1
+        # GroupQueryAttention lowered without query_seqlens (onnxruntime < 1.32): several rows
+        # cannot continue with several tokens after a past in one call
+        self.one_token_continuation = metadata.get(CONTINUATION_KEY) == "one_token"
         declared = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
         # onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: an fp32 graph runs that
         # node on the CPU provider, through copies that cannot append in place

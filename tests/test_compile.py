@@ -44,6 +44,33 @@ def checkpoint(request, tmp_path_factory):
     return request.param, root
 
 
+STANDARD_DIMS = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"}
+
+
+def assert_standard_dim_names(model: onnx.ModelProto) -> None:
+    """Every symbolic I/O dim is one of Optimum's / GenAI's names, each where it belongs."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param]
+        assert set(dims) <= STANDARD_DIMS, (value.name, dims)
+        assert dims[0] == "batch_size", (value.name, dims)
+        expected = {
+            "attention_mask": "total_sequence_length",
+            "input_ids": "sequence_length",
+            "position_ids": "sequence_length",
+        }.get(value.name)
+        if value.name.startswith("past_key_values."):
+            expected = "past_sequence_length"
+        elif value.name.startswith("present."):
+            expected = "total_sequence_length"
+        if expected:
+            assert dims[-1] == expected, (value.name, dims)
+
+
+def test_functions_graph_uses_the_standard_dim_names(checkpoint):
+    _, root = checkpoint
+    assert_standard_dim_names(onnx.load(str(root / "functions" / "model.onnx")))
+
+
 def all_logits(out_dir):
     ids = np.array([PROMPT, PROMPT[::-1]])
     logits, _ = Decoder(out_dir)(ids, np.ones_like(ids))
@@ -80,6 +107,7 @@ def test_target_and_precision_track_fp32_functions(checkpoint, target, precision
         assert ours.token_ids[:steps] == reference.token_ids[:steps]
     # int8/int4 (int8 activations): checked by the teacher-forced agreement above
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert_standard_dim_names(model)
     domains = {n.domain for n in model.graph.node}
     assert not model.functions
     if target == "portable":

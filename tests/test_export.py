@@ -132,7 +132,12 @@ def test_graph_is_valid_and_uses_the_standard_io(exported):
         "present.0.value",
     ]
     dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
-    assert dims[0] == "batch" and dims[2] == "past_sequence"
+    assert dims == [
+        "batch_size",
+        config["num_key_value_heads"] if "num_key_value_heads" in config else dims[1],
+        "past_sequence_length",
+        dims[3],
+    ]
     genai = json.loads((out_dir / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_hidden_layers"] == layers
     assert genai["model"]["vocab_size"] == config["vocab_size"]

@@ -97,7 +97,7 @@ def test_cli_export_and_inspect(tmp_path):
     shown = cli("inspect", str(tmp_path / "out"))
     assert shown.returncode == 0, shown.stderr
     assert "architecture: gpt2  layers=2" in shown.stdout
-    assert "past_key_values.{i}.key: float[batch, 4, past_sequence, 8]" in shown.stdout
+    assert "past_key_values.{i}.key: float[batch_size, 4, past_sequence_length, 8]" in shown.stdout
     assert "model.onnx.data" in shown.stdout
     assert "target=ort  precision=fp32" in shown.stdout  # the default target
     assert "kv_buffer" not in shown.stdout  # head_dim 8: no GroupQueryAttention

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from decoder_runner import Decoder, decided_steps
+from decoder_runner import Decoder, decided_steps, positions_for
 from harness import assert_close
 
 from graphattn import export
@@ -56,7 +56,8 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"gqa-{request.param}")
     checkpoints.write_checkpoint(root / "hf", {**GQA_MODELS[request.param]}, seed=5)
     export(root / "hf", root / "functions", target="functions", last_logits_only=False)
-    export(root / "hf", root / "ort", target="ort", last_logits_only=False)
+    export(root / "hf", root / "ort", target="ort", last_logits_only=False)  # for onnxruntime 1.30
+    export(root / "hf", root / "ort132", target="ort", last_logits_only=False, ort_version="1.32")
     return request.param, root
 
 
@@ -69,6 +70,9 @@ def test_attention_becomes_grouped_query_attention(exported):
     gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == int(name != "gpt2")
+    assert len(gqa.input) <= 16  # onnxruntime 1.30 (the default --ort-version) takes 16 at most
+    newer = onnx.load(str(root / "ort132" / "model.onnx"), load_external_data=False).graph
+    assert all(len(n.input) == 17 for n in newer.node if n.op_type == "GroupQueryAttention")
     if name.startswith("llama"):  # packed q/k/v go in whole: no key/value inputs, no Split
         assert gqa.input[1] == gqa.input[2] == ""
     config = json.loads((root / "ort" / "genai_config.json").read_text())
@@ -95,14 +99,37 @@ def test_left_padded_batch_equals_functions_graph(exported):
 
 
 def test_prefill_decode_and_batched_continuation_equal_one_pass(exported):
+    """onnxruntime 1.32's query_seqlens: a batch continues with several tokens in one call."""
     name, root = exported
     ids, mask = left_padded(PROMPTS)
     full, _ = Decoder(root / "functions")(ids, mask)
-    decoder = Decoder(root / "ort")
+    decoder = Decoder(root / "ort132")
     first, past = decoder(ids[:, :3], mask[:, :3])
     second, past = decoder(ids[:, 3:4], mask[:, :4], past)  # one token
     third, _ = decoder(ids[:, 4:], mask, past)  # a batch of rows, several tokens, with a past
     steps = np.concatenate([first, second, third], axis=1)
+    real = mask.astype(bool)
+    assert_close(steps[real], full[real].astype(np.float64), 1e-4, name)
+
+
+@pytest.mark.parametrize("cache", ["shared", "plain"])
+def test_without_query_seqlens_the_runtime_continues_token_by_token(exported, cache):
+    """The default (onnxruntime 1.30) graph refuses that call; our caches feed it one token
+    per call and equal one pass."""
+    name, root = exported
+    ids, mask = left_padded(PROMPTS)
+    full, _ = Decoder(root / "functions")(ids, mask)
+    decoder = Decoder(root / "ort")
+    _, past = decoder(ids[:, :4], mask[:, :4])
+    with pytest.raises(Exception, match="batch_size must be 1 when sequence_length > 1"):
+        decoder(ids[:, 4:], mask, past)
+    session = ModelSession(root / "ort", provider="cpu")
+    runner = Generator(session, cache=cache, max_length=16).cache
+    runner.reset(len(PROMPTS))
+    positions = positions_for(mask, mask.shape[1])
+    first = runner.step(ids[:, :4], mask[:, :4], positions[:, :4])
+    rest = runner.step(ids[:, 4:], mask, positions[:, 4:])
+    steps = np.concatenate([first, rest], axis=1)
     real = mask.astype(bool)
     assert_close(steps[real], full[real].astype(np.float64), 1e-4, name)
 

@@ -3,7 +3,7 @@
     SplitHeads → RotaryHalves → Concat(past) → ScaledDotProductAttention → MergeHeads
 becomes one
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
-                        cos_cache, sin_cache, attention_bias=padding_bias, query_seqlens)
+                        cos_cache, sin_cache, attention_bias=padding_bias[, query_seqlens])
 
 with RoPE done inside the kernel (``do_rotary``) from ``[context, R]`` cos/sin tables computed
 here in NumPy, and, after MatMul packing, the packed q/k/v projection fed to it directly
@@ -19,8 +19,10 @@ kernel is always causal).
 
 Lengths, computed once per graph from the input shapes (left padding: every row's cache has
 the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
-``query_seqlens[b] = S``. ``query_seqlens`` lets a batch of several rows continue with
-several tokens after a past (CPU refuses that without it).
+``query_seqlens[b] = S``. ``query_seqlens`` (onnxruntime 1.32+, so only when lowering for
+such a version) lets a batch of several rows continue with several tokens after a past in
+one call; without it the CPU kernel refuses that case and the runtime feeds such a
+continuation one token per call (model metadata ``graphattn.batched_continuation``).
 
 The KV cache can share one ``[B, Hkv, capacity, D]`` buffer between past and present
 (``past_present_share_buffer``): the kernel then writes the new keys in place.
@@ -38,6 +40,7 @@ from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute, ca
 from graphattn.ops.domain import DOMAIN, MASKED_BIAS
 
 DEFAULT_CONTEXT = 4096
+QUERY_SEQLENS_INPUT = 16  # GroupQueryAttention's input index of query_seqlens (1.32+)
 
 
 def _inverse_frequencies(rotary: ir.Node) -> ir.Value | None:
@@ -76,16 +79,16 @@ def _rotary_tables(graph: ir.Graph, block: AttentionBlock, context: int, np_dtyp
 @dataclass(frozen=True)
 class _GraphInputs:
     """What every GroupQueryAttention of the graph shares: int32 ``seqlens_k [B]``,
-    ``total_sequence_length []``, ``query_seqlens [B]``, and ``padding_bias [B, 1, S, T]``
-    float32 (0 for a token, MASKED_BIAS for a pad key)."""
+    ``total_sequence_length []``, ``query_seqlens [B]`` (None when not wanted), and
+    ``padding_bias [B, 1, S, T]`` float32 (0 for a token, MASKED_BIAS for a pad key)."""
 
     seqlens_k: ir.Value
     total_sequence_length: ir.Value
-    query_seqlens: ir.Value
+    query_seqlens: ir.Value | None
     padding_bias: ir.Value
 
 
-def _graph_inputs(graph: ir.Graph, anchor: ir.Node) -> _GraphInputs:
+def _graph_inputs(graph: ir.Graph, anchor: ir.Node, query_seqlens: bool) -> _GraphInputs:
     """Computed once from ``attention_mask [B, T]`` and the shape of ``input_ids [B, S]``."""
     inputs = {v.name: v for v in graph.inputs}
     mask, ids = inputs["attention_mask"], inputs["input_ids"]
@@ -103,13 +106,16 @@ def _graph_inputs(graph: ir.Graph, anchor: ir.Node) -> _GraphInputs:
     ]
     batch, total64, new64 = (n.outputs[0] for n in nodes)
     cast_total = ir.node("Cast", [total64], {"to": int32}, name="gqa/total_1")
-    cast_new = ir.node("Cast", [new64], {"to": int32}, name="gqa/new")
     total_1 = cast_total.outputs[0]
     last = ir.node("Sub", [total_1, one], name="gqa/last")
     seqlens = ir.node("Expand", [last.outputs[0], batch], name="gqa/seqlens_k")
     total = ir.node("Squeeze", [total_1, axis0], name="gqa/total_sequence_length")
-    query = ir.node("Expand", [cast_new.outputs[0], batch], name="gqa/query_seqlens")
-    nodes += [cast_total, cast_new, last, seqlens, total, query]
+    nodes += [cast_total, last, seqlens, total]
+    query = None
+    if query_seqlens:
+        cast_new = ir.node("Cast", [new64], {"to": int32}, name="gqa/new")
+        query = ir.node("Expand", [cast_new.outputs[0], batch], name="gqa/query_seqlens")
+        nodes += [cast_new, query]
     pad = ir.node("Equal", [mask, constant("zero64", np.array(0, np.int64))], name="gqa/pad")
     pad_bias = ir.node(
         "Where",
@@ -132,7 +138,12 @@ def _graph_inputs(graph: ir.Graph, anchor: ir.Node) -> _GraphInputs:
     for node in nodes:
         node.outputs[0].name = node.name
     graph.insert_before(anchor, nodes)
-    return _GraphInputs(seqlens.outputs[0], total.outputs[0], query.outputs[0], bias.outputs[0])
+    return _GraphInputs(
+        seqlens.outputs[0],
+        total.outputs[0],
+        query.outputs[0] if query is not None else None,
+        bias.outputs[0],
+    )
 
 
 def _causal_window(bias: ir.Value) -> int | None:
@@ -146,9 +157,12 @@ def _causal_window(bias: ir.Value) -> int | None:
     return int(attribute(node, "window", 0))
 
 
-def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.DataType) -> int:
+def fuse_grouped_query_blocks(
+    graph: ir.Graph, context: int, float_dtype: ir.DataType, query_seqlens: bool = False
+) -> int:
     """Rewrite every matching block (with RoPE on both q and k, or on neither); returns how
-    many. ``context`` sizes the cos/sin tables (positions the kernel may rotate)."""
+    many. ``context`` sizes the cos/sin tables (positions the kernel may rotate);
+    ``query_seqlens`` feeds that input (onnxruntime 1.32+; at most 16 inputs before)."""
     np_dtype = np.float16 if float_dtype == ir.DataType.FLOAT16 else np.float32
     if not {"attention_mask", "input_ids"} <= {v.name for v in graph.inputs}:
         return 0  # the kernel's lengths come from these decoder inputs
@@ -172,7 +186,7 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
             if tables is None:
                 continue
         if shared is None:
-            shared = _graph_inputs(graph, next(iter(graph)))
+            shared = _graph_inputs(graph, next(iter(graph)), query_seqlens)
         scope = node.name
         query_BSC, key_BSC, value_BSC = block.projections_BSC
         # causality (and a window) by the kernel itself; the bias only drops pad keys
@@ -194,7 +208,8 @@ def fuse_grouped_query_blocks(graph: ir.Graph, context: int, float_dtype: ir.Dat
             attrs["softcap"] = float(attribute(node, "softcap"))
         inputs = [query_BSC, key_BSC, value_BSC, *block.pasts]
         inputs += [shared.seqlens_k, shared.total_sequence_length, *tables, None, bias]
-        inputs += [None, None, None, None, None, shared.query_seqlens]
+        if shared.query_seqlens is not None:
+            inputs += [None] * (QUERY_SEQLENS_INPUT - len(inputs)) + [shared.query_seqlens]
         gqa = ir.node(
             "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3, name=scope
         )

@@ -13,12 +13,24 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from graphattn.compiler.embeddings import quantize_embeddings
-from graphattn.compiler.grouped_query import DEFAULT_CONTEXT, feed_packed_qkv, shares_kv_buffer
+from graphattn.compiler.grouped_query import (
+    DEFAULT_CONTEXT,
+    QUERY_SEQLENS_INPUT,
+    feed_packed_qkv,
+    shares_kv_buffer,
+)
 from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
+from graphattn.compiler.ort_version import (
+    DEFAULT_ORT_VERSION,
+    OLDEST_ORT_VERSION,
+    QUERY_SEQLENS_SINCE,
+    check_ort_version,
+    has_query_seqlens,
+)
 from graphattn.compiler.pack import pack_matmuls
 from graphattn.compiler.portable import lower_portable
 from graphattn.compiler.quantize import Prequantized, quantize_weights
-from graphattn.spec import CONTEXT_KEY, KV_BUFFER_KEY
+from graphattn.spec import CONTEXT_KEY, CONTINUATION_KEY, KV_BUFFER_KEY, MIN_ORT_KEY
 
 TARGETS = ("functions", "portable", "ort")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -34,7 +46,9 @@ class CompileOptions:
     ``symmetric``: int4/int8 with the default zero point 2^(bits−1) (no zero-point tensor,
     slightly faster kernels, coarser than the asymmetric default). ``quantize_embeddings``
     (ort, int4/int8; portable keeps float Gathers): embedding tables as
-    GatherBlockQuantized, sharing a tied output projection's blocks."""
+    GatherBlockQuantized, sharing a tied output projection's blocks. ``ort_version``: the
+    onnxruntime the graph must load in (``"X.Y"``, default the newest on both PyPI and npm);
+    the lowering uses only kernel inputs that version accepts."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -44,8 +58,10 @@ class CompileOptions:
     grouped_query: bool = True
     symmetric: bool = False
     quantize_embeddings: bool = True
+    ort_version: str = DEFAULT_ORT_VERSION
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ort_version", check_ort_version(self.ort_version))
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.precision not in PRECISIONS:
@@ -82,6 +98,20 @@ def _drop_unread_position_ids(graph: ir.Graph) -> None:
             return
 
 
+def _record_runtime_needs(model: ir.Model) -> None:
+    """Write the oldest onnxruntime that runs the graph (``MIN_ORT_KEY``) and, for
+    GroupQueryAttention without ``query_seqlens``, that a batch continuing after a past must
+    be fed one token per call (``CONTINUATION_KEY``: the runtime does that, exactly)."""
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    with_lengths = [n for n in gqa if len(n.inputs) > QUERY_SEQLENS_INPUT]
+    needed = QUERY_SEQLENS_SINCE if with_lengths else OLDEST_ORT_VERSION
+    model.metadata_props[MIN_ORT_KEY] = needed
+    if gqa and not with_lengths:
+        model.metadata_props[CONTINUATION_KEY] = "one_token"
+    else:
+        model.metadata_props.pop(CONTINUATION_KEY, None)
+
+
 def compile_model(
     model: ir.Model, options: CompileOptions, prequantized: Prequantized | None = None
 ) -> ir.Model:
@@ -93,7 +123,11 @@ def compile_model(
         context = None
         if options.target == "ort" and options.grouped_query:
             context = int(model.metadata_props.get(CONTEXT_KEY, DEFAULT_CONTEXT))
-        lower_portable(model, grouped_query_context=context)
+        lower_portable(
+            model,
+            grouped_query_context=context,
+            query_seqlens=has_query_seqlens(options.ort_version),
+        )
         optimize(model)
         prequantized = dict(prequantized or {})
         pack_matmuls(model.graph, prequantized)
@@ -123,6 +157,7 @@ def compile_model(
     _drop_unread_position_ids(model.graph)
     if shares_kv_buffer(model):
         model.metadata_props[KV_BUFFER_KEY] = "shared"
+    _record_runtime_needs(model)
     model.metadata_props["graphattn.target"] = options.target
     model.metadata_props["graphattn.precision"] = options.precision
     return model

@@ -42,15 +42,20 @@ def _float_dtype(graph: ir.Graph) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def lower_to_standard(graph: ir.Graph, grouped_query_context: int | None = None) -> int:
+def lower_to_standard(
+    graph: ir.Graph, grouped_query_context: int | None = None, query_seqlens: bool = False
+) -> int:
     """Replace graphattn calls that have a standard equivalent; returns how many.
 
     ``grouped_query_context``: first lower the attention blocks that fit to
-    ``com.microsoft.GroupQueryAttention`` with cos/sin tables of that many positions."""
+    ``com.microsoft.GroupQueryAttention`` with cos/sin tables of that many positions (with its
+    ``query_seqlens`` input where ``query_seqlens``: onnxruntime 1.32+)."""
     float32 = _float_dtype(graph) == ir.DataType.FLOAT
     count = 0
     if grouped_query_context is not None:
-        count += fuse_grouped_query_blocks(graph, grouped_query_context, _float_dtype(graph))
+        count += fuse_grouped_query_blocks(
+            graph, grouped_query_context, _float_dtype(graph), query_seqlens
+        )
     count += fuse_attention_blocks(graph, _rotary_dim, float32)
     for node in list(graph):
         if node.domain != DOMAIN:
@@ -117,9 +122,11 @@ def inline_functions(model: ir.Model) -> None:
     model.graph.opset_imports.pop(DOMAIN, None)
 
 
-def lower_portable(model: ir.Model, grouped_query_context: int | None = None) -> ir.Model:
+def lower_portable(
+    model: ir.Model, grouped_query_context: int | None = None, query_seqlens: bool = False
+) -> ir.Model:
     """The model with standard ops only (in place; also returned); with
     ``grouped_query_context``, attention goes to GroupQueryAttention where it fits."""
-    lower_to_standard(model.graph, grouped_query_context)
+    lower_to_standard(model.graph, grouped_query_context, query_seqlens)
     inline_functions(model)
     return model
