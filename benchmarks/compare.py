@@ -163,72 +163,28 @@ def main() -> None:
             "path": out,
         }
 
-    export_row(
-        "graphattn portable fp32",
-        "fp32",
-        lambda out: graphattn_cli(
-            "export", str(hf), "-o", str(out), "--target", "portable", "--quiet"
-        ),
-    )
-    export_row(
-        "graphattn ort fp32",
-        "fp32",
-        lambda out: graphattn_cli("export", str(hf), "-o", str(out), "--target", "ort", "--quiet"),
-    )
-    export_row(
-        "graphattn ort fp32 --ort-version 1.32",
-        "fp32",
-        lambda out: graphattn_cli(
-            "export", str(hf), "-o", str(out), "--target", "ort", "--ort-version", "1.32", "--quiet"
-        ),
-    )
-    export_row(
-        "graphattn ort int4",
-        "int4",
-        lambda out: graphattn_cli(
-            "export", str(hf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
-        ),
-    )
-    export_row(
-        "graphattn ort int4 --ort-version 1.32",
-        "int4",
-        lambda out: graphattn_cli(
-            "export",
-            str(hf),
-            "-o",
-            str(out),
-            "--target",
-            "ort",
-            "--precision",
+    ours = [  # (row name, precision, source, export flags)
+        ("graphattn portable fp32", "fp32", hf, ["--target", "portable"]),
+        ("graphattn ort fp32", "fp32", hf, ["--target", "ort"]),
+        ("graphattn ort fp32 --ort-version 1.32", "fp32", hf, ["--ort-version", "1.32"]),
+        ("graphattn ort int4", "int4", hf, ["--precision", "int4"]),
+        (
+            "graphattn ort int4 --ort-version 1.32",
             "int4",
-            "--ort-version",
-            "1.32",
-            "--quiet",
+            hf,
+            ["--precision", "int4", "--ort-version", "1.32"],
         ),
-    )
-    export_row(
-        "graphattn ort int4 symmetric",
-        "int4",
-        lambda out: graphattn_cli(
-            "export",
-            str(hf),
-            "-o",
-            str(out),
-            "--target",
-            "ort",
-            "--precision",
-            "int4",
-            "--symmetric",
-            "--quiet",
-        ),
-    )
-    export_row(
-        "graphattn ort int4 (GGUF lossless)",
-        "int4-gguf",
-        lambda out: graphattn_cli(
-            "export", str(gguf), "-o", str(out), "--target", "ort", "--precision", "int4", "--quiet"
-        ),
-    )
+        ("graphattn ort int4 symmetric", "int4", hf, ["--precision", "int4", "--symmetric"]),
+        ("graphattn ort int4 (GGUF lossless)", "int4-gguf", gguf, ["--precision", "int4"]),
+    ]
+    for name, precision, source, flags in ours:
+        export_row(
+            name,
+            precision,
+            lambda out, source=source, flags=flags: graphattn_cli(
+                "export", str(source), "-o", str(out), *flags, "--quiet"
+            ),
+        )
     try:
         import onnxruntime_genai  # noqa: F401
 
