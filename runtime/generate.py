@@ -114,7 +114,7 @@ class Generator:
                 " (an ort-target export with GroupQueryAttention)"
             )
         self.cache = CACHES[cache](self.model, self.max_length)
-        directory = cfg.model_path.parent
+        directory = self.model.export_dir
         self.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
 
     # ------------------------------------------------------------------ input

@@ -90,6 +90,9 @@ class ModelSession:
         optimization: str = "all",
     ) -> None:
         model_path, config_path = locate_model(path)
+        # where the export's other files (tokenizer) are: genai_config.json's directory, which
+        # in the transformers.js layout is the parent of onnx/model.onnx
+        self.export_dir = (config_path or model_path).parent
         check_onnxruntime(model_path)
         options = ort.SessionOptions()
         if optimization not in _OPTIMIZATION:

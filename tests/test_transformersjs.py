@@ -87,6 +87,8 @@ def runtime_chat_ids(directory: Path, message: str) -> list[int]:
 
 def runtime_greedy(directory: Path, prompt: list[int], steps: int) -> list[int]:
     generator = Generator(directory, provider="cpu")
+    # the tokenizer stays at the top, beside genai_config.json, not beside onnx/model.onnx
+    assert generator.tokenizer is not None
     return generator.generate(prompt, max_new_tokens=steps, use_eos=False).token_ids
 
 
