@@ -1,0 +1,130 @@
+"""The web page (examples/web on onnxruntime-web 1.30.0, WASM) in Debian's headless Chromium,
+driven by playwright-core: served by examples/web/serve.mjs with COOP/COEP headers, it runs
+tiny exports and SmolLM2 int4 (slow) to completion, and its greedy ids equal our Python
+runtime's. Each run saves a screenshot under the test's tmp dir."""
+
+import json
+import urllib.error
+import urllib.request
+
+import checkpoints
+import js_apps
+import pytest
+import tiny_tokenizer
+
+from graphattn import export
+from graphattn.runtime import Generator
+
+pytestmark = pytest.mark.skipif(
+    js_apps.browser_missing() is not None, reason=str(js_apps.browser_missing())
+)
+
+TINY = {
+    "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
+    "llama-gqa-kernel": (
+        checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
+        {"target": "ort"},
+    ),
+}
+PROMPT = [5, 17, 42, 8, 99]
+BATCH = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 7, 3, 250]]
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory):
+    config, options = TINY[request.param]
+    root = tmp_path_factory.mktemp(f"web-{request.param}")
+    checkpoints.write_checkpoint(root / "hf", config, seed=11)
+    tiny_tokenizer.write_tokenizer(root / "hf")
+    export(root / "hf", root / "onnx", **options)
+    with js_apps.serve(root / "onnx") as base:
+        yield root / "onnx", base
+
+
+def test_server_headers_types_and_paths(tiny):
+    _, base = tiny
+    expected = {
+        "": "text/html",
+        "app.mjs": "text/javascript",
+        "common/decoder.mjs": "text/javascript",
+        "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm": "application/wasm",
+        "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "text/javascript",
+        "model/genai_config.json": "application/json",
+        "model/model.onnx": "application/octet-stream",
+    }
+    for path, mime in expected.items():
+        with urllib.request.urlopen(base + path) as response:
+            assert response.headers["Content-Type"].startswith(mime), path
+            assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    for path in ("model/%2e%2e/hf/config.json", "serve.mjs", "node_modules/playwright-core/"):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(base + path)
+        assert error.value.code == 404, path
+
+
+def test_page_greedy_ids_equal_python(tiny, tmp_path):
+    out, base = tiny
+    expected = Generator(out, provider="cpu").generate(PROMPT, max_new_tokens=12, use_eos=False)
+    url = js_apps.page_url(base, ids=PROMPT, max=12, noeos=1)
+    result = js_apps.drive(url, tmp_path, screenshot="page.png", timeout=180)
+    assert "error" not in result, result
+    assert result["ids"] == expected.token_ids
+    assert result["crossOriginIsolated"] is True
+    assert result["prefillTokS"] > 0 and result["decodeTokS"] > 0
+    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_page_batch_and_chat_equal_python(tiny, tmp_path):
+    out, base = tiny
+    generator = Generator(out, provider="cpu")
+    expected = generator.generate(BATCH, max_new_tokens=8, use_eos=False)
+    result = js_apps.drive(js_apps.page_url(base, ids=BATCH, max=8, noeos=1), tmp_path, timeout=180)
+    assert result["ids"] == [row.token_ids for row in expected]
+    prompt = "Once upon a time"
+    chat = generator.generate(prompt, chat=True, max_new_tokens=16)
+    result = js_apps.drive(
+        js_apps.page_url(base, prompt=prompt, max=16, threads=1),
+        tmp_path,
+        screenshot="chat.png",
+        timeout=180,
+    )
+    assert result["promptIds"] == chat.prompt_ids
+    assert result["ids"] == chat.token_ids
+    assert result["text"] == chat.text
+    assert result["threads"] == 1
+
+
+LOSSLESS_INT4_DIFFERS = (
+    "observed: on the lossless int4 export (the GGUF's Q4_1 blocks, MatMulNBits"
+    " accuracy_level 4) native onnxruntime CPU (Python 1.32, onnxruntime-node 1.30) answers"
+    " 'La femme de France, ...' while WASM answers 'The capital of France is Paris.', the"
+    " same ids as the accuracy_level-0 export in Python: the native int8-activation kernel"
+    " is the one that deviates"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            "ort-int4", marks=pytest.mark.xfail(reason=LOSSLESS_INT4_DIFFERS, strict=False)
+        ),
+        "ort-int4-requantized",
+    ],
+)
+def test_smollm2_int4_in_the_browser_equals_python(name, tmp_path_factory, tmp_path):
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    out = js_apps.smollm2_export(tmp_path_factory, name)
+    prompt = "What is the capital of France?"
+    expected = Generator(out, provider="cpu").generate(
+        prompt, chat=True, max_new_tokens=16, use_eos=False
+    )
+    with js_apps.serve(out) as base:
+        url = js_apps.page_url(base, prompt=prompt, max=16, noeos=1)
+        result = js_apps.drive(url, tmp_path, screenshot=f"smollm2-{name}.png", timeout=900)
+    print(json.dumps({k: result[k] for k in ("prefillTokS", "decodeTokS", "threads", "text")}))
+    assert "error" not in result, result
+    assert result["promptIds"] == expected.prompt_ids
+    assert result["ids"] == expected.token_ids
