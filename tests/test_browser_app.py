@@ -21,6 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 TINY = {
     "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
+    # float16 KV cache and logits (Uint16Array in Node 20, Float16Array in Chromium)
+    "llama-fp16": ({**checkpoints.LLAMA, "vocab_size": 300}, {"precision": "fp16"}),
     "llama-gqa-kernel": (
         checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
         {"target": "ort"},

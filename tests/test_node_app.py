@@ -1,6 +1,6 @@
 """The Node.js app (examples/node/chat.mjs on onnxruntime-node 1.30.0): its greedy token ids
 equal our Python runtime's on tiny GPT-2 and Llama exports (default, portable and ort
-targets, GroupQueryAttention included), on a left-padded batch, through the chat template,
+targets, GroupQueryAttention and fp16 included), on a left-padded batch, through the chat template,
 and on SmolLM2 (slow) for portable fp32, ort fp32, ort int4 lossless and requantized."""
 
 import subprocess
@@ -21,6 +21,8 @@ TINY = {
     "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
     "llama": ({**checkpoints.LLAMA, "vocab_size": 300}, {}),
     "llama-portable": ({**checkpoints.LLAMA, "vocab_size": 300}, {"target": "portable"}),
+    # float16 KV cache and logits (Uint16Array in Node 20, Float16Array in Chromium)
+    "llama-fp16": ({**checkpoints.LLAMA, "vocab_size": 300}, {"precision": "fp16"}),
     # head_dim 16: the ort graph uses GroupQueryAttention (head_dim 8 keeps Attention)
     "llama-gqa-kernel": (
         checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
