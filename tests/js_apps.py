@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NODE_APP = ROOT / "examples" / "node"
 WEB_APP = ROOT / "examples" / "web"
+TRANSFORMERSJS_APP = ROOT / "examples" / "transformersjs"
 CHROMIUM = Path("/usr/bin/chromium")
 SETUP = "bash scripts/setup_js.sh"
 
@@ -36,6 +37,31 @@ def browser_missing() -> str | None:
     if not CHROMIUM.is_file():
         return f"{CHROMIUM} is missing (apt-get install chromium, or {SETUP} as root)"
     return None
+
+
+def transformersjs_missing() -> str | None:
+    """Why the transformers.js example cannot run here, or None."""
+    if shutil.which("node") is None:
+        return f"node is not installed (apt-get install nodejs npm; then {SETUP})"
+    if not (TRANSFORMERSJS_APP / "node_modules" / "@huggingface" / "transformers").is_dir():
+        return f"examples/transformersjs/node_modules is missing (run {SETUP})"
+    return None
+
+
+def run_transformersjs(directory: Path, prompt: list[int], steps: int, dtype=None) -> list[int]:
+    """Token ids from examples/transformersjs/generate.mjs: ``pipeline('text-generation')`` on
+    a ``--layout transformers.js`` export, ``steps`` greedy tokens with no stop at EOS."""
+    command = ["node", "generate.mjs", str(directory), json.dumps(prompt), str(steps)]
+    done = subprocess.run(
+        [*command, *([dtype] if dtype else [])],
+        cwd=TRANSFORMERSJS_APP,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(done.stderr.strip().splitlines()[-1])  # timings, shown with pytest -s
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_node(export_dir, *args, timeout=600) -> dict:
