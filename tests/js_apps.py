@@ -10,6 +10,9 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+import checkpoints
+import tiny_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE_APP = ROOT / "examples" / "node"
 WEB_APP = ROOT / "examples" / "web"
@@ -121,6 +124,33 @@ def page_url(base: str, **query) -> str:
 
     values = {k: json.dumps(v) if isinstance(v, list) else v for k, v in query.items()}
     return f"{base}?{urlencode(values)}"
+
+
+# Tiny random exports (model config, export options) for the Node and browser tests.
+TINY_EXPORTS = {
+    "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
+    "llama": ({**checkpoints.LLAMA, "vocab_size": 300}, {}),
+    "llama-portable": ({**checkpoints.LLAMA, "vocab_size": 300}, {"target": "portable"}),
+    # float16 KV cache and logits (Uint16Array in Node 20, Float16Array in Chromium)
+    "llama-fp16": ({**checkpoints.LLAMA, "vocab_size": 300}, {"precision": "fp16"}),
+    # head_dim 16: the ort graph uses GroupQueryAttention (head_dim 8 keeps Attention)
+    "llama-gqa-kernel": (
+        checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
+        {"target": "ort"},
+    ),
+}
+
+
+def tiny_export(root: Path, name: str) -> Path:
+    """Write the tiny checkpoint ``name`` (with a trained tokenizer) under ``root`` and export
+    it with its options; returns the export directory."""
+    from graphattn import export
+
+    config, options = TINY_EXPORTS[name]
+    checkpoints.write_checkpoint(root / "hf", config, seed=11)
+    tiny_tokenizer.write_tokenizer(root / "hf")
+    export(root / "hf", root / "onnx", **options)
+    return root / "onnx"
 
 
 # SmolLM2 exports, made once per test session and shared by both test files.

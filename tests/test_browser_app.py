@@ -7,40 +7,25 @@ import json
 import urllib.error
 import urllib.request
 
-import checkpoints
 import js_apps
 import pytest
-import tiny_tokenizer
 
-from graphattn import export
 from graphattn.runtime import Generator
 
 pytestmark = pytest.mark.skipif(
     js_apps.browser_missing() is not None, reason=str(js_apps.browser_missing())
 )
 
-TINY = {
-    "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
-    # float16 KV cache and logits (Uint16Array in Node 20, Float16Array in Chromium)
-    "llama-fp16": ({**checkpoints.LLAMA, "vocab_size": 300}, {"precision": "fp16"}),
-    "llama-gqa-kernel": (
-        checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
-        {"target": "ort"},
-    ),
-}
+TINY = ("gpt2", "llama-fp16", "llama-gqa-kernel")  # of js_apps.TINY_EXPORTS
 PROMPT = [5, 17, 42, 8, 99]
 BATCH = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 7, 3, 250]]
 
 
-@pytest.fixture(scope="module", params=list(TINY))
+@pytest.fixture(scope="module", params=TINY)
 def tiny(request, tmp_path_factory):
-    config, options = TINY[request.param]
-    root = tmp_path_factory.mktemp(f"web-{request.param}")
-    checkpoints.write_checkpoint(root / "hf", config, seed=11)
-    tiny_tokenizer.write_tokenizer(root / "hf")
-    export(root / "hf", root / "onnx", **options)
-    with js_apps.serve(root / "onnx") as base:
-        yield root / "onnx", base
+    out = js_apps.tiny_export(tmp_path_factory.mktemp(f"web-{request.param}"), request.param)
+    with js_apps.serve(out) as base:
+        yield out, base
 
 
 def test_server_headers_types_and_paths(tiny):

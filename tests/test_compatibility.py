@@ -19,9 +19,9 @@ from pathlib import Path
 
 import checkpoints
 import js_apps
-import numpy as np
 import pytest
 import tiny_tokenizer
+from genai_runner import genai_greedy
 
 from graphattn import export
 from graphattn.runtime import Generator
@@ -110,21 +110,10 @@ def transformersjs(out: Path, prompt: list[int]) -> list[int]:
 
 
 def genai(out: Path, prompt: list[int]) -> list[int]:
-    import onnxruntime_genai as og
-
     try:
-        model = og.Model(str(out))
-    except Exception as error:  # GenAI raises plain RuntimeErrors
+        return genai_greedy(out, prompt, STEPS)
+    except RuntimeError as error:  # GenAI raises plain RuntimeErrors
         raise RefusedError(str(error)) from None
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + STEPS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
 
 
 def missing(runtime: str) -> str | None:

@@ -3,29 +3,16 @@
 buffer) and decodes the same greedy tokens as graphattn's runtime."""
 
 import checkpoints
-import numpy as np
 import pytest
+from genai_runner import genai_greedy
 
 from graphattn import export
 from graphattn.runtime import Generator
 
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
 CONFIG = {**checkpoints.llama_variant(hidden_size=64, intermediate_size=96), "vocab_size": 96}
 PROMPT = [5, 17, 42, 8, 11, 60, 3]
-
-
-def genai_greedy(path, prompt, new_tokens):
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
 
 
 @pytest.mark.parametrize("target", ["portable", "ort"])

@@ -5,43 +5,23 @@ and on SmolLM2 (slow) for portable fp32, ort fp32, ort int4 lossless and requant
 
 import subprocess
 
-import checkpoints
 import js_apps
 import pytest
-import tiny_tokenizer
 
-from graphattn import export
 from graphattn.runtime import Generator
 
 pytestmark = pytest.mark.skipif(
     js_apps.node_missing() is not None, reason=str(js_apps.node_missing())
 )
 
-TINY = {
-    "gpt2": ({**checkpoints.GPT2, "vocab_size": 300}, {}),
-    "llama": ({**checkpoints.LLAMA, "vocab_size": 300}, {}),
-    "llama-portable": ({**checkpoints.LLAMA, "vocab_size": 300}, {"target": "portable"}),
-    # float16 KV cache and logits (Uint16Array in Node 20, Float16Array in Chromium)
-    "llama-fp16": ({**checkpoints.LLAMA, "vocab_size": 300}, {"precision": "fp16"}),
-    # head_dim 16: the ort graph uses GroupQueryAttention (head_dim 8 keeps Attention)
-    "llama-gqa-kernel": (
-        checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96),
-        {"target": "ort"},
-    ),
-}
 PROMPT = [5, 17, 42, 8, 99]
 BATCH = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 7, 3, 250]]
 STEPS = 12
 
 
-@pytest.fixture(scope="module", params=list(TINY))
+@pytest.fixture(scope="module", params=list(js_apps.TINY_EXPORTS))
 def tiny(request, tmp_path_factory):
-    config, options = TINY[request.param]
-    root = tmp_path_factory.mktemp(f"node-{request.param}")
-    checkpoints.write_checkpoint(root / "hf", config, seed=11)
-    tiny_tokenizer.write_tokenizer(root / "hf")
-    export(root / "hf", root / "onnx", **options)
-    return root / "onnx"
+    return js_apps.tiny_export(tmp_path_factory.mktemp(f"node-{request.param}"), request.param)
 
 
 def test_greedy_ids_equal_python(tiny):
