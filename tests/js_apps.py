@@ -159,6 +159,7 @@ SMOLLM2_EXPORTS = {
     "ort-fp32": dict(target="ort"),
     "ort-int4": dict(target="ort", precision="int4"),
     "ort-int4-requantized": dict(target="ort", precision="int4", requantize=True),
+    "ort-int4-float": dict(target="ort", precision="int4", accuracy_level=0),
 }
 _made: dict[str, Path] = {}
 

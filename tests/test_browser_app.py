@@ -102,12 +102,23 @@ LOSSLESS_INT4_DIFFERS = (
     ],
 )
 def test_smollm2_int4_in_the_browser_equals_python(name, tmp_path_factory, tmp_path):
+    browser_smollm2_equals_python(name, name, tmp_path_factory, tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_lossless_int4_in_the_browser_computes_in_float(tmp_path_factory, tmp_path):
+    """WASM has no int8-activation MatMulNBits: on the default (accuracy_level 4) lossless
+    int4 export the page gives the ids Python gives on the accuracy_level-0 export."""
+    browser_smollm2_equals_python("ort-int4", "ort-int4-float", tmp_path_factory, tmp_path)
+
+
+def browser_smollm2_equals_python(name, reference, tmp_path_factory, tmp_path):
+    """The page on the SmolLM2 export ``name`` gives the ids of Python on ``reference``."""
     pytest.importorskip("gguf", reason="the gguf extra is not installed")
     out = js_apps.smollm2_export(tmp_path_factory, name)
     prompt = "What is the capital of France?"
-    expected = Generator(out, provider="cpu").generate(
-        prompt, chat=True, max_new_tokens=16, use_eos=False
-    )
+    expected = Generator(js_apps.smollm2_export(tmp_path_factory, reference), provider="cpu")
+    expected = expected.generate(prompt, chat=True, max_new_tokens=16, use_eos=False)
     with js_apps.serve(out) as base:
         url = js_apps.page_url(base, prompt=prompt, max=16, noeos=1)
         result = js_apps.drive(url, tmp_path, screenshot=f"smollm2-{name}.png", timeout=900)
