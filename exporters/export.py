@@ -151,9 +151,9 @@ def lossless_kinds(options: CompileOptions) -> tuple[str, ...]:
 
     int4 keeps Q4_0/Q4_1 (4-bit) and Q8_0 (8-bit) blocks exactly; int8 keeps only Q8_0 and
     re-quantizes the rest to 8 bits. Standard DequantizeLinear has no float zero point, so the
-    portable target re-quantizes Q4_1."""
+    portable target re-quantizes Q4_1 (unless ``dequantize_at_load``, which adds the offsets)."""
     kinds = ("Q4_0", "Q4_1", "Q8_0") if options.bits == 4 else ("Q8_0",)
-    if options.target == "portable":
+    if options.target == "portable" and not options.dequantize_at_load:
         kinds = tuple(k for k in kinds if k != "Q4_1")
     return kinds
 
@@ -178,6 +178,7 @@ def export(
     symmetric: bool = False,
     quantize_embeddings: bool = True,
     ort_version: str = DEFAULT_ORT_VERSION,
+    dequantize_at_load: bool = False,
     last_logits_only: bool = True,
     layout: str = "genai",
     progress: Progress | None = None,
@@ -199,6 +200,8 @@ def export(
     (GatherBlockQuantized; a tied table shares the output projection's blocks).
     ``ort_version``: the onnxruntime (``"X.Y"``) the graph must load in; the default is the
     newest on both PyPI and npm, so Node.js, browsers and transformers.js load it too.
+    ``dequantize_at_load`` (int4/int8): weights stored as blocks that onnxruntime rebuilds
+    into float32 once at load (Cast/Mul/Add on initializers), so compute is fp32.
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``layout``: ``genai`` (``model.onnx`` + ``model.onnx.data`` beside ``genai_config.json``)
     or ``transformers.js`` (``onnx/model{suffix}.onnx`` + ``.onnx_data``, ``config.json``,
@@ -223,6 +226,7 @@ def export(
         symmetric,
         quantize_embeddings,
         ort_version,
+        dequantize_at_load=dequantize_at_load,
     )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()

@@ -80,6 +80,12 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         help="ort int4/int8: keep the embedding tables float (default: GatherBlockQuantized)",
     )
     parser.add_argument(
+        "--dequantize-at-load",
+        action="store_true",
+        help="int4/int8: store the weights quantized but compute in float (onnxruntime"
+        " rebuilds them once at load; for runtimes without a fast 4-bit kernel, e.g. WASM)",
+    )
+    parser.add_argument(
         "--no-grouped-query",
         action="store_true",
         help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
@@ -121,6 +127,7 @@ def _compile(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         quantize_embeddings=not args.float_embeddings,
         ort_version=args.ort_version,
+        dequantize_at_load=args.dequantize_at_load,
     )
     print(compile_export(args.export_dir, args.output, options))
     return 0
@@ -181,6 +188,7 @@ def _export(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         quantize_embeddings=not args.float_embeddings,
         ort_version=args.ort_version,
+        dequantize_at_load=args.dequantize_at_load,
         last_logits_only=not args.all_logits,
         layout=args.layout,
         progress=stderr_progress

@@ -19,6 +19,7 @@ from graphattn.compiler.grouped_query import (
     feed_packed_qkv,
     shares_kv_buffer,
 )
+from graphattn.compiler.load_time_dequant import dequantize_at_load
 from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.ort_version import (
     DEFAULT_ORT_VERSION,
@@ -48,7 +49,10 @@ class CompileOptions:
     (ort, int4/int8; portable keeps float Gathers): embedding tables as
     GatherBlockQuantized, sharing a tied output projection's blocks. ``ort_version``: the
     onnxruntime the graph must load in (``"X.Y"``, default the newest on both PyPI and npm);
-    the lowering uses only kernel inputs that version accepts."""
+    the lowering uses only kernel inputs that version accepts. ``dequantize_at_load``
+    (int4/int8 on portable or ort): store the weights as blocks rebuilt by Cast/Mul/Add nodes
+    that onnxruntime constant-folds at load, so compute is float32 (no MatMulNBits,
+    DequantizeLinear or GatherBlockQuantized; see ``load_time_dequant``)."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -59,9 +63,17 @@ class CompileOptions:
     symmetric: bool = False
     quantize_embeddings: bool = True
     ort_version: str = DEFAULT_ORT_VERSION
+    dequantize_at_load: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ort_version", check_ort_version(self.ort_version))
+        if self.dequantize_at_load and (
+            self.precision not in ("int4", "int8") or self.target not in ("portable", "ort")
+        ):
+            raise ValueError(
+                "dequantize_at_load needs precision int4 or int8 and target portable or ort,"
+                f" got precision {self.precision!r}, target {self.target!r}"
+            )
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.precision not in PRECISIONS:
@@ -134,7 +146,17 @@ def compile_model(
     if options.target == "ort":
         feed_packed_qkv(model.graph)
         fuse_skip_rms_norm(model.graph)
-    if options.bits is not None:
+    if options.dequantize_at_load:
+        dequantize_at_load(
+            model,
+            bits=options.bits,
+            block_size=options.block_size,
+            quantize_lm_head=options.quantize_lm_head,
+            quantize_embeddings=options.quantize_embeddings,
+            prequantized=prequantized,
+            symmetric=options.symmetric,
+        )
+    elif options.bits is not None:
         quantize_weights(
             model,
             bits=options.bits,
@@ -145,7 +167,8 @@ def compile_model(
             accuracy_level=options.accuracy_level,
             symmetric=options.symmetric,
         )
-    if options.quantize_embeddings and options.target == "ort" and options.bits is not None:
+    quantized_gathers = options.target == "ort" and not options.dequantize_at_load
+    if options.quantize_embeddings and quantized_gathers and options.bits is not None:
         quantize_embeddings(
             model.graph,
             bits=options.bits,
