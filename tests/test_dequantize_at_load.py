@@ -366,7 +366,7 @@ def test_smollm2_int4_in_the_browser_equals_python(smollm2_folded, tmp_path_fact
     print(
         json.dumps(
             {
-                n: {k: r[k] for k in ("prefillTokS", "decodeTokS", "threads")}
+                n: {k: r[k] for k in ("loadSeconds", "prefillTokS", "decodeTokS", "threads")}
                 for n, r in seen.items()
             }
         )
