@@ -36,6 +36,13 @@ EXPORTS = {
     "ort-fp32": ["--target", "ort"],
     "ort-int4": ["--target", "ort", "--precision", "int4"],
     "ort-int4-requantized": ["--target", "ort", "--precision", "int4", "--requantize"],
+    "ort-int4-dequantize-at-load": [
+        "--target",
+        "ort",
+        "--precision",
+        "int4",
+        "--dequantize-at-load",
+    ],
 }
 GRAPHATTN = [sys.executable, "-m", "graphattn.cli"]
 

@@ -66,6 +66,7 @@ def describe(out_dir: str | Path) -> str:
             ("precision", "graphattn.precision"),
             ("kv_buffer", KV_BUFFER_KEY),
             ("min_onnxruntime", MIN_ORT_KEY),
+            ("weights", "graphattn.weights"),
         )
         if key in metadata
     )

@@ -42,6 +42,7 @@ EXPORTS = {
     "ort fp16": dict(target="ort", precision="fp16"),
     "ort int8": dict(target="ort", precision="int8"),
     "ort int4": dict(target="ort", precision="int4"),
+    "ort int4 --dequantize-at-load": dict(target="ort", precision="int4", dequantize_at_load=True),
     "ort fp32 --ort-version 1.32": dict(target="ort", ort_version="1.32"),
 }
 RUNTIMES = ("python-1.30", "node", "web", "transformers.js", "genai")

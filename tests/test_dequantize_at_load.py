@@ -23,6 +23,7 @@ from harness import assert_close
 
 from graphattn import export
 from graphattn.compiler import CompileOptions
+from graphattn.inspect import describe
 from graphattn.runtime import Generator
 
 TP = onnx.TensorProto
@@ -84,6 +85,7 @@ def test_graph_stores_blocks_and_computes_in_float(checkpoint, target, precision
     assert dict((p.key, p.value) for p in model.metadata_props)["graphattn.weights"] == (
         "dequantize_at_load"
     )
+    assert "weights=dequantize_at_load" in describe(out)
     # the export's optimizer ran before the pass: the blocks are saved, not folded
     stored = quantized_initializers(graph, bits)
     assert all(i.name.endswith((".q", ".zero_points")) for i in stored)
