@@ -216,6 +216,8 @@ def export(
         precision = dtype
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "transformers.js" and target == "functions":
+        raise ValueError("layout 'transformers.js' needs target portable or ort, not functions")
     options = CompileOptions(
         target,
         precision,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphattn.spec import KV_BUFFER_KEY, ModelConfig
+from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY, ModelConfig
 
 
 def describe_graph(config: dict, model: ir.Model) -> dict:
     """Set in ``config`` (in place; also returned) what the compiled graph decided: whether
-    its attention appends into the past buffer in place (``past_present_share_buffer``), and
-    whether it still has a ``position_ids`` input."""
+    its attention appends into the past buffer in place (``past_present_share_buffer``),
+    whether it still has a ``position_ids`` input, and the oldest onnxruntime that runs it
+    (top-level ``"graphattn.min_onnxruntime"``: GenAI ignores unknown *string* keys at the
+    top level but refuses them inside ``model``, ``decoder`` and ``search``)."""
+    if MIN_ORT_KEY in model.metadata_props:
+        config[MIN_ORT_KEY] = model.metadata_props[MIN_ORT_KEY]
     shared = model.metadata_props.get(KV_BUFFER_KEY) == "shared"
     config.setdefault("search", {})["past_present_share_buffer"] = shared
     inputs = config.setdefault("model", {}).setdefault("decoder", {}).setdefault("inputs", {})

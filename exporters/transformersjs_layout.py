@@ -220,7 +220,9 @@ def relocate_external_data(
     # Plan: (tensor, source, source offset, length, chunk index, chunk offset), in file order.
     plan = []
     chunk, used = 0, 0
-    ordered = sorted(zip(tensors, fields), key=lambda p: (p[1]["location"], int(p[1]["offset"])))
+    ordered = sorted(
+        zip(tensors, fields), key=lambda p: (p[1]["location"], int(p[1].get("offset", 0)))
+    )
     for tensor, f in ordered:
         length = int(f["length"])
         start = _align(used, length)

@@ -57,7 +57,7 @@ class _Cache:
             self._run(
                 input_ids[:, t : t + 1],
                 attention_mask[:, : total - new + t + 1],
-                position_ids[:, t : t + 1],
+                None if position_ids is None else position_ids[:, t : t + 1],
             )
             for t in range(new)
         ]

@@ -8,6 +8,7 @@ wire level, top-level fields only; the graph (field 7) is skipped over, not pars
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 _METADATA_FIELD = (
@@ -28,7 +29,7 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes):
+def _fields(data: bytes | memoryview):
     """Yield (field number, wire type, value) of one protobuf message: ints for varint and
     fixed types, bytes for length-delimited fields."""
     at = 0
@@ -53,21 +54,24 @@ def _fields(data: bytes):
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The model's metadata_props as a dict; ValueError when the file is not a model proto."""
-    data = Path(path).read_bytes()
+    data = memoryview(Path(path).read_bytes())  # slices are views: the graph is not copied
     metadata = {}
     for number, wire, value in _fields(data):
         if number == _METADATA_FIELD and wire == 2:
-            entry = {n: v for n, w, v in _fields(value) if w == 2}
+            entry = {n: bytes(v) for n, w, v in _fields(value) if w == 2}
             metadata[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
     return metadata
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
-    """``"1.30.0"`` → ``(1, 30, 0)``; a suffix such as ``.dev`` or ``+cu12`` is ignored."""
+    """``"1.30.0"`` → ``(1, 30, 0)``; a suffix such as ``.dev1``, ``rc1`` or ``+cu12`` is
+    ignored (``"1.32.0rc1"`` → ``(1, 32, 0)``)."""
     parts = []
     for piece in text.split("+")[0].split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
+        leading = re.match(r"\d+", piece)
+        if leading is None:
             break
-        parts.append(int(digits))
+        parts.append(int(leading[0]))
+        if leading.end() < len(piece):  # "0rc1", "0-rc1": the digits before the suffix
+            break
     return tuple(parts)

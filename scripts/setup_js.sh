@@ -29,6 +29,12 @@ if ! command -v npm >/dev/null 2>&1; then
   echo "setup_js: npm is missing; the JavaScript app tests will skip" >&2
   exit 0
 fi
+# playwright-core 1.65 and transformers.js 4.3 (sharp) need Node.js >= 20.9; Debian 12's own
+# nodejs package is 18: the tests then skip, saying so.
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 9) ? 0 : 1)'; then
+  echo "setup_js: node $(node --version) is older than 20.9; the JavaScript app tests will skip" >&2
+  exit 0
+fi
 
 export ONNXRUNTIME_NODE_INSTALL=skip
 for lock in examples/*/package-lock.json; do

@@ -8,4 +8,4 @@ bash scripts/setup_ort130.sh  # onnxruntime 1.30 beside it (tests/test_ort_versi
 bash scripts/setup_js.sh  # chromium (apt-get) and npm ci in examples/* (the JS app tests)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -rs "$@"  # -rs: every skip says why

@@ -21,10 +21,26 @@ CHROMIUM = Path("/usr/bin/chromium")
 SETUP = "bash scripts/setup_js.sh"
 
 
+MIN_NODE = (20, 9)  # playwright-core 1.65 and transformers.js 4.3's sharp need Node >= 20.9
+
+
+def _node_problem() -> str | None:
+    """Why ``node`` cannot run the examples (absent or older than MIN_NODE), or None."""
+    if shutil.which("node") is None:
+        return f"node is not installed (Node.js >= 20.9 and npm; then {SETUP})"
+    done = subprocess.run(
+        ["node", "-p", "process.versions.node"], capture_output=True, text=True, timeout=60
+    )
+    version = tuple(int(p) for p in done.stdout.strip().split(".")[:2] if p.isdigit())
+    if version < MIN_NODE:
+        return f"node {done.stdout.strip() or '?'} is older than 20.9, which the examples need"
+    return None
+
+
 def node_missing() -> str | None:
     """Why the Node app cannot run here, or None."""
-    if shutil.which("node") is None:
-        return f"node is not installed (apt-get install nodejs npm; then {SETUP})"
+    if _node_problem():
+        return _node_problem()
     if not (NODE_APP / "node_modules" / "onnxruntime-node").is_dir():
         return f"examples/node/node_modules is missing (run {SETUP})"
     return None
@@ -32,8 +48,8 @@ def node_missing() -> str | None:
 
 def browser_missing() -> str | None:
     """Why the browser test cannot run here, or None."""
-    if shutil.which("node") is None:
-        return f"node is not installed (apt-get install nodejs npm; then {SETUP})"
+    if _node_problem():
+        return _node_problem()
     for package in ("onnxruntime-web", "playwright-core", "@huggingface/tokenizers"):
         if not (WEB_APP / "node_modules" / package).is_dir():
             return f"examples/web/node_modules/{package} is missing (run {SETUP})"
@@ -44,8 +60,8 @@ def browser_missing() -> str | None:
 
 def transformersjs_missing() -> str | None:
     """Why the transformers.js example cannot run here, or None."""
-    if shutil.which("node") is None:
-        return f"node is not installed (apt-get install nodejs npm; then {SETUP})"
+    if _node_problem():
+        return _node_problem()
     if not (TRANSFORMERSJS_APP / "node_modules" / "@huggingface" / "transformers").is_dir():
         return f"examples/transformersjs/node_modules is missing (run {SETUP})"
     return None

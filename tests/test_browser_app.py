@@ -10,6 +10,7 @@ import urllib.request
 import js_apps
 import pytest
 
+from graphattn import export
 from graphattn.runtime import Generator
 
 pytestmark = pytest.mark.skipif(
@@ -96,7 +97,10 @@ LOSSLESS_INT4_DIFFERS = (
     "name",
     [
         pytest.param(
-            "ort-int4", marks=pytest.mark.xfail(reason=LOSSLESS_INT4_DIFFERS, strict=False)
+            "ort-int4",
+            marks=pytest.mark.xfail(
+                reason=LOSSLESS_INT4_DIFFERS, strict=True, raises=AssertionError
+            ),
         ),
         "ort-int4-requantized",
     ],
@@ -125,4 +129,18 @@ def browser_smollm2_equals_python(name, reference, tmp_path_factory, tmp_path):
     print(json.dumps({k: result[k] for k in ("prefillTokS", "decodeTokS", "threads", "text")}))
     assert "error" not in result, result
     assert result["promptIds"] == expected.prompt_ids
+    assert result["ids"] == expected.token_ids
+
+
+def test_page_loads_the_transformersjs_layout(tmp_path):
+    """The page finds onnx/model.onnx and its onnx/model.onnx_data through genai_config.json."""
+    root = tmp_path / "tiny"
+    js_apps.tiny_export(root, "llama")
+    export(root / "hf", root / "tjs", layout="transformers.js")
+    expected = Generator(root / "tjs", provider="cpu").generate(
+        PROMPT, max_new_tokens=8, use_eos=False
+    )
+    with js_apps.serve(root / "tjs") as base:
+        result = js_apps.drive(js_apps.page_url(base, ids=PROMPT, max=8, noeos=1), tmp_path)
+    assert "error" not in result, result
     assert result["ids"] == expected.token_ids

@@ -5,6 +5,7 @@ that needs a newer onnxruntime than the installed one. The second venv ``.venv-o
 on npm: there the default export runs and equals the functions graph."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,16 +88,42 @@ def test_export_records_its_oldest_onnxruntime(exports, name, needed, continuati
         assert f"min_onnxruntime={needed}" in describe(exports / name)
 
 
-def test_genai_config_stays_loadable_by_onnxruntime_genai(exports):
-    # GenAI refuses unknown keys at every level of genai_config.json (tried: top, model,
-    # decoder, session_options), so the requirement lives in the model metadata only
-    config = json.loads((exports / "ort130" / "genai_config.json").read_text())
-    assert set(config) == {"model", "search"}
+@pytest.mark.parametrize("name", ["portable", "ort130", "ort132"])
+def test_genai_config_records_the_version_where_genai_accepts_it(exports, name):
+    config = json.loads((exports / name / "genai_config.json").read_text())
+    metadata = read_metadata(exports / name / "model.onnx")
+    assert config["graphattn.min_onnxruntime"] == metadata["graphattn.min_onnxruntime"]
+    assert set(config) == {"model", "search", "graphattn.min_onnxruntime"}
+
+
+@pytest.mark.parametrize("level, accepted", [("top", True), ("model", False), ("decoder", False)])
+def test_genai_takes_an_unknown_string_key_only_at_the_top(exports, tmp_path, level, accepted):
+    """Why the key sits at the top level: ONNX Runtime GenAI refuses unknown keys inside
+    ``model`` and ``decoder`` (and ``search``), and ignores unknown strings at the top."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+    out = tmp_path / "ort"
+    shutil.copytree(exports / "ort130", out)
+    og.Model(str(out))  # as exported, with graphattn.min_onnxruntime at the top: loads
+    config = json.loads((out / "genai_config.json").read_text())
+    where = {"top": config, "model": config["model"], "decoder": config["model"]["decoder"]}
+    where[level]["another_key"] = "1.30"
+    (out / "genai_config.json").write_text(json.dumps(config))
+    if accepted:
+        og.Model(str(out))
+    else:
+        with pytest.raises(RuntimeError, match='Unknown value "another_key"'):
+            og.Model(str(out))
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("1.30.0", (1, 30, 0)), ("1.32.1+cu12", (1, 32, 1)), ("1.33.0.dev20261101", (1, 33, 0))],
+    [
+        ("1.30.0", (1, 30, 0)),
+        ("1.32.1+cu12", (1, 32, 1)),
+        ("1.33.0.dev20261101", (1, 33, 0)),
+        ("1.32.0rc1", (1, 32, 0)),
+        ("1.32.0-rc1", (1, 32, 0)),
+    ],
 )
 def test_installed_versions_parse(text, expected):
     assert version_tuple(text) == expected
@@ -126,8 +153,10 @@ def test_one_token_continuation_is_exact_in_every_cache(exports):
         for cache_name in ("shared", "bound", "plain"):
             cache = Generator(session, cache=cache_name, max_length=16).cache
             cache.reset(3)
-            cache.step(ids[:, :4], mask[:, :4], positions[:, :4])
-            last = cache.step(ids[:, 4:], mask, positions[:, 4:])
+            # the GQA graphs of RoPE models have no position_ids input: callers may pass None
+            rows = positions if session.has_position_ids else None
+            cache.step(ids[:, :4], mask[:, :4], None if rows is None else rows[:, :4])
+            last = cache.step(ids[:, 4:], mask, None if rows is None else rows[:, 4:])
             results[name, cache_name] = last[:, -1]
             assert cache.length == 7
     for key, logits in results.items():

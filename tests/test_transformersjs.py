@@ -104,6 +104,11 @@ def test_precision_names_the_file_transformersjs_loads(precision, name):
 def test_unknown_layout_or_precision_is_refused(tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="layout must be one of"):
         export(tiny_checkpoints["llama"], tmp_path / "x", layout="optimum")
+    with pytest.raises(ValueError, match="needs target portable or ort"):
+        export(
+            tiny_checkpoints["llama"], tmp_path / "x", layout="transformers.js", target="functions"
+        )
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="precision must be one of"):
         model_file_name("int2")
 

@@ -7,9 +7,10 @@
 //   const result = await decoder.generate([[1, 2, 3]], { maxNewTokens: 32 });
 //   // result.ids: new token ids per row; result.prefillTokS / result.decodeTokS
 //
-// Graph I/O (see README "Graph I/O"): input_ids / attention_mask [batch, seq] int64,
-// position_ids only where the graph has that input, past_key_values.{i}.key|value
-// [batch, kv_heads, past, head_dim]; outputs logits [batch, 1 or seq, vocab] and
+// Graph I/O (see README "Graph I/O"): input_ids [batch_size, sequence_length] and
+// attention_mask [batch_size, total_sequence_length] int64, position_ids only where the graph
+// has that input, past_key_values.{i}.key|value [batch_size, kv_heads, past_sequence_length,
+// head_dim]; outputs logits [batch_size, 1 or sequence_length, vocab] and
 // present.{i}.key|value. A first step feeds empty pasts (past length 0); each later step
 // feeds the presents back as pasts.
 

@@ -56,7 +56,16 @@ async function main() {
   }
   const [exportDir, prompt] = positionals;
   if (!prompt && !values.ids) throw new Error("give a prompt or --ids");
-  const maxNewTokens = Number.parseInt(values["max-new-tokens"], 10);
+  const count = (name) => {
+    const value = Number(values[name]);
+    if (!Number.isInteger(value) || value < 1) {
+      throw new Error(`--${name} must be a whole number >= 1, got ${values[name]}`);
+    }
+    return value;
+  };
+  const maxNewTokens = count("max-new-tokens");
+  if (values.threads !== undefined) count("threads");
+  count("repeat");
 
   const genaiConfig = await readJson(path.join(exportDir, "genai_config.json"), {});
   const modelFile = genaiConfig?.model?.decoder?.filename || "model.onnx";
@@ -82,7 +91,7 @@ async function main() {
     const ids = batched ? result.ids : result.ids[0];
     const report = { ids, prefillTokS: result.prefillTokS, decodeTokS: result.decodeTokS };
     if (values.json) console.log(JSON.stringify(report));
-    else console.log(ids.map((row) => row.join(" ")).join("\n"));
+    else console.log((batched ? ids : [ids]).map((row) => row.join(" ")).join("\n"));
     return;
   }
 

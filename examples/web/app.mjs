@@ -45,12 +45,20 @@ async function load() {
   const modelFile = genaiConfig?.model?.decoder?.filename || "model.onnx";
   setStatus(`loading ${modelFile} (${threads} thread${threads > 1 ? "s" : ""})…`);
   const started = performance.now();
-  const dataFile = `${modelFile}.data`;
-  const hasData = (await fetch(new URL(dataFile, modelBase), { method: "HEAD" })).ok;
+  // the weights: model.onnx.data (our layout) or onnx/model*.onnx_data (transformers.js
+  // layout); `path` must equal the tensors' `location`, the file name beside the model
+  let externalData = [];
+  for (const dataFile of [`${modelFile}.data`, `${modelFile}_data`]) {
+    if ((await fetch(new URL(dataFile, modelBase), { method: "HEAD" })).ok) {
+      const path = dataFile.split("/").pop();
+      externalData = [{ path, data: new URL(dataFile, modelBase).href }];
+      break;
+    }
+  }
   const session = await ort.InferenceSession.create(new URL(modelFile, modelBase).href, {
     executionProviders: ["wasm"],
     graphOptimizationLevel: "all",
-    externalData: hasData ? [{ path: dataFile, data: new URL(dataFile, modelBase).href }] : [],
+    externalData,
   });
   const loadSeconds = (performance.now() - started) / 1000;
   const tokenizerJson = await fetchJson("tokenizer.json", null);
