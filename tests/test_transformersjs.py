@@ -276,3 +276,25 @@ def test_smollm2_greedy_ids_equal_the_runtime(smollm2_gguf, tmp_path, target, pr
     assert transformersjs_greedy(out, prompt, 32, dtype) == expected
     if precision == "fp32":
         assert "Paris" in Tokenizer(out).decode(expected)
+
+
+@needs_node
+@pytest.mark.slow
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", "fp32"), ("int4", "q4")])
+def test_smollm2_pipeline_chat_equals_the_runtime(smollm2_gguf, tmp_path, precision, dtype):
+    """The pipeline itself, called as an app calls it (chat messages in, greedy, EOS stops):
+    its reply is the text graphattn.runtime generates for the same message."""
+    out = tmp_path / "tjs"
+    export(smollm2_gguf, out, precision=precision, layout="transformers.js")
+    message = "What is the capital of France?"
+    done = subprocess.run(
+        ["node", "chat.mjs", str(out), message, "24", dtype],
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = Generator(out, provider="cpu").generate(message, chat=True, max_new_tokens=24)
+    assert reply.strip() == expected.text.strip()
