@@ -68,6 +68,22 @@ def check_onnxruntime(model_path: Path, installed: str = ort.__version__) -> Non
         )
 
 
+def _load_error(model_path: Path, error: Exception) -> str:
+    """One line for an onnxruntime load failure, with the likely cause where we know it: a
+    graph lowered for a newer onnxruntime (exports older than graphattn.min_onnxruntime)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if "GroupQueryAttention" in text and "not in range" in text:
+        return (
+            f"{model_path}: onnxruntime {ort.__version__} cannot load its GroupQueryAttention"
+            " (lowered for a newer onnxruntime: re-export with --ort-version"
+            f" {'.'.join(ort.__version__.split('.')[:2])})"
+        )
+    if len(first) > 300:
+        first = first[:300] + "…"
+    return f"{model_path}: onnxruntime cannot load it ({first})"
+
+
 class ModelSession:
     """An onnxruntime session over one exported decoder plus its :class:`DecoderConfig`.
 
@@ -105,11 +121,12 @@ class ModelSession:
             self.session = ort.InferenceSession(
                 str(model_path), sess_options=options, providers=_providers(provider)
             )
-        except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as error:
-            first = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
-            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it ({first})") from None
+        except Exception as error:  # onnxruntime's own exception types (Fail, InvalidGraph…)
+            if not isinstance(error, RuntimeError) and not type(error).__module__.startswith(
+                "onnxruntime"
+            ):
+                raise
+            raise ModelLoadError(_load_error(model_path, error)) from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.config: DecoderConfig = (
             from_genai_config(model_path, config_path)

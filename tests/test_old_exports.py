@@ -1,8 +1,12 @@
 """Exports written before the I/O dims took Optimum's names (``batch``, ``sequence``,
 ``past_sequence``, ``total_sequence``; kept in ``tests/data/old_dims``, written by graphattn at
-commit 11b5dce from ``checkpoints.write_checkpoint(..., seed=11)``) still load in our runtime
-and decode the tokens of a fresh export of the same checkpoint."""
+commit 11b5dce from ``checkpoints.write_checkpoint(..., seed=11)``: GPT-2 and Llama portable,
+and a head_dim-16 Llama on that commit's default ``ort`` target, whose GroupQueryAttention has
+onnxruntime 1.32's 17 inputs and no ``graphattn.min_onnxruntime``) still load in our runtime
+and decode the tokens of a fresh export of the same checkpoint; under onnxruntime 1.30 the
+``ort`` one is refused in one line that says to re-export."""
 
+import subprocess
 from pathlib import Path
 
 import checkpoints
@@ -13,7 +17,12 @@ from graphattn import export
 from graphattn.runtime import Generator
 
 OLD = Path(__file__).parent / "data" / "old_dims"
-CONFIGS = {"gpt2": checkpoints.GPT2, "llama": checkpoints.LLAMA}
+CONFIGS = {
+    "gpt2": (checkpoints.GPT2, "portable"),
+    "llama": (checkpoints.LLAMA, "portable"),
+    "llama-gqa": (checkpoints.llama_variant(hidden_size=64, intermediate_size=96), "ort"),
+}
+OLD_PYTHON = Path(__file__).resolve().parents[1] / ".venv-ort130" / "bin" / "python"
 PROMPTS = [[5, 17, 42, 8, 11, 60, 3], [40, 41]]
 
 
@@ -28,8 +37,9 @@ def test_old_dim_names_still_load_and_decode_the_same(tmp_path, name, cache):
         if d.dim_param
     }
     assert dims == {"batch", "sequence", "past_sequence", "total_sequence"}
-    checkpoints.write_checkpoint(tmp_path / "hf", CONFIGS[name], seed=11)
-    export(tmp_path / "hf", tmp_path / "new", target="portable")
+    config, target = CONFIGS[name]
+    checkpoints.write_checkpoint(tmp_path / "hf", config, seed=11)
+    export(tmp_path / "hf", tmp_path / "new", target=target)
     expected = Generator(tmp_path / "new", provider="cpu", cache=cache).generate(
         PROMPTS, max_new_tokens=8, use_eos=False
     )
@@ -37,3 +47,18 @@ def test_old_dim_names_still_load_and_decode_the_same(tmp_path, name, cache):
         PROMPTS, max_new_tokens=8, use_eos=False
     )
     assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
+
+
+@pytest.mark.skipif(not OLD_PYTHON.is_file(), reason="no .venv-ort130 (scripts/setup_ort130.sh)")
+def test_old_ort_export_under_onnxruntime_1_30_is_refused_in_one_line():
+    done = subprocess.run(
+        [str(OLD_PYTHON.parent / "graphattn"), "generate", str(OLD / "llama-gqa"), "--prompt", "a"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "onnxruntime 1.30.0 cannot load its GroupQueryAttention" in lines[0]
+    assert "--ort-version 1.30" in lines[0]
