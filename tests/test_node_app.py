@@ -83,3 +83,18 @@ def test_smollm2_node_equals_python(name, tmp_path_factory):
     report = js_apps.run_node(out, prompt, "--max-new-tokens", 32, "--no-eos")
     assert report["prompt_ids"] == expected.prompt_ids
     assert report["ids"] == expected.token_ids
+
+
+def test_chat_template_file_wins_as_in_python(tmp_path):
+    """An export with chat_template.jinja: the Node app renders that file, not the config's
+    template, as graphattn.runtime does."""
+    out = js_apps.tiny_export(tmp_path, "llama")
+    (out / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    )
+    generator = Generator(out, provider="cpu")
+    prompt = "Once upon a time"
+    expected = generator.encode(prompt, chat=True)
+    assert expected != generator.encode(prompt)  # the template changes the ids
+    report = js_apps.run_node(out, prompt, "--max-new-tokens", 4)
+    assert report["prompt_ids"] == expected

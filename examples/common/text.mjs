@@ -10,11 +10,13 @@ export class TextTokenizer {
    * @param Template the Template class of @huggingface/jinja
    * @param tokenizerJson parsed tokenizer.json
    * @param tokenizerConfig parsed tokenizer_config.json ({} when the export has none)
+   * @param chatTemplate the text of chat_template.jinja, which wins over the config's
+   *   chat_template as in graphattn.runtime (null when the export has none)
    */
-  constructor(Tokenizer, Template, tokenizerJson, tokenizerConfig = {}) {
+  constructor(Tokenizer, Template, tokenizerJson, tokenizerConfig = {}, chatTemplate = null) {
     this.tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
     this.config = tokenizerConfig;
-    const template = tokenizerConfig.chat_template;
+    const template = chatTemplate ?? tokenizerConfig.chat_template;
     this.template = typeof template === "string" ? new Template(template) : null;
   }
 

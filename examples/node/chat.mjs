@@ -100,6 +100,7 @@ async function main() {
     Template,
     await readJson(path.join(exportDir, "tokenizer.json")),
     await readJson(path.join(exportDir, "tokenizer_config.json"), {}),
+    await readFile(path.join(exportDir, "chat_template.jinja"), "utf8").catch(() => null),
   );
   const promptIds = tokenizer.chatIds(prompt);
   const stream = new StreamDecoder(tokenizer);

@@ -28,6 +28,12 @@ const setStatus = (text, error = false) => {
 };
 const paint = () => new Promise((resolve) => setTimeout(resolve, 0));
 
+/** The text of an optional file of the export, or null where it has none. */
+async function fetchText(name) {
+  const response = await fetch(new URL(name, modelBase));
+  return response.ok ? response.text() : null;
+}
+
 async function fetchJson(name, fallback) {
   const response = await fetch(new URL(name, modelBase));
   if (!response.ok) {
@@ -63,7 +69,13 @@ async function load() {
   const loadSeconds = (performance.now() - started) / 1000;
   const tokenizerJson = await fetchJson("tokenizer.json", null);
   const tokenizer = tokenizerJson
-    ? new TextTokenizer(Tokenizer, Template, tokenizerJson, await fetchJson("tokenizer_config.json", {}))
+    ? new TextTokenizer(
+        Tokenizer,
+        Template,
+        tokenizerJson,
+        await fetchJson("tokenizer_config.json", {}),
+        await fetchText("chat_template.jinja"),
+      )
     : null;
   return { decoder: new Decoder(ort, session, genaiConfig), tokenizer, threads, loadSeconds };
 }
