@@ -43,6 +43,17 @@ def llama_variant(**changes):
     return {**LLAMA, **changes}
 
 
+# head_dim 16, GQA 4/2, tied table: the lossless GGUF tests' model (every block format fits)
+LLAMA_TIED_WIDE = llama_variant(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
 LLAMA_VARIANTS = {
     "llama-gqa": LLAMA,
     "llama-mha-tied": llama_variant(num_key_value_heads=4, tie_word_embeddings=True),

@@ -22,12 +22,12 @@ import js_apps
 import pytest
 import tiny_tokenizer
 from genai_runner import genai_greedy
+from old_runtime import OLD_PYTHON
 
 from graphattn import export
 from graphattn.runtime import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD_PYTHON = ROOT / ".venv-ort130" / "bin" / "python"
 CONFIG = checkpoints.llama_variant(vocab_size=300, hidden_size=64, intermediate_size=96)
 PROMPT = [5, 17, 42, 8, 99, 120, 7]
 STEPS = 10

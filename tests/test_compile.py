@@ -285,15 +285,7 @@ def test_lossless_gguf_blocks(tmp_path):
     gguf_files = pytest.importorskip("gguf_files", reason="the gguf extra is not installed")
     from graphattn.exporters.gguf_reader import GGUFCheckpoint
 
-    config = {
-        **checkpoints.LLAMA,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "vocab_size": 96,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    }
+    config = checkpoints.LLAMA_TIED_WIDE
     weights = checkpoints.random_weights(config, seed=8)
     kinds = {
         name: ("Q4_0", "Q4_1", "Q8_0")[i % 3]

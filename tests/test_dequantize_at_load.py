@@ -183,15 +183,7 @@ def test_round_to_nearest_equals_numpy_forward_of_dequantized_weights(
 
 def gguf_export_pair(tmp_path, target):
     gguf_files = pytest.importorskip("gguf_files", reason="the gguf extra is not installed")
-    config = {
-        **checkpoints.LLAMA,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "vocab_size": 96,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    }
+    config = checkpoints.LLAMA_TIED_WIDE
     weights = checkpoints.random_weights(config, seed=8)
     kinds = {  # every lossless block format, the tied table among them
         name: ("Q4_0", "Q4_1", "Q8_0")[i % 3]

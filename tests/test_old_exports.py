@@ -6,12 +6,12 @@ onnxruntime 1.32's 17 inputs and no ``graphattn.min_onnxruntime``) still load in
 and decode the tokens of a fresh export of the same checkpoint; under onnxruntime 1.30 the
 ``ort`` one is refused in one line that says to re-export."""
 
-import subprocess
 from pathlib import Path
 
 import checkpoints
 import onnx
 import pytest
+from old_runtime import needs_old_venv, refusal_line
 
 from graphattn import export
 from graphattn.runtime import Generator
@@ -22,7 +22,6 @@ CONFIGS = {
     "llama": (checkpoints.LLAMA, "portable"),
     "llama-gqa": (checkpoints.llama_variant(hidden_size=64, intermediate_size=96), "ort"),
 }
-OLD_PYTHON = Path(__file__).resolve().parents[1] / ".venv-ort130" / "bin" / "python"
 PROMPTS = [[5, 17, 42, 8, 11, 60, 3], [40, 41]]
 
 
@@ -49,16 +48,8 @@ def test_old_dim_names_still_load_and_decode_the_same(tmp_path, name, cache):
     assert [r.token_ids for r in actual] == [r.token_ids for r in expected]
 
 
-@pytest.mark.skipif(not OLD_PYTHON.is_file(), reason="no .venv-ort130 (scripts/setup_ort130.sh)")
+@needs_old_venv
 def test_old_ort_export_under_onnxruntime_1_30_is_refused_in_one_line():
-    done = subprocess.run(
-        [str(OLD_PYTHON.parent / "graphattn"), "generate", str(OLD / "llama-gqa"), "--prompt", "a"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "onnxruntime 1.30.0 cannot load its GroupQueryAttention" in lines[0]
-    assert "--ort-version 1.30" in lines[0]
+    line = refusal_line(OLD / "llama-gqa")
+    assert "onnxruntime 1.30.0 cannot load its GroupQueryAttention" in line
+    assert "--ort-version 1.30" in line

@@ -14,6 +14,7 @@ import checkpoints
 import numpy as np
 import onnx
 import pytest
+from old_runtime import OLD_PYTHON, needs_old_venv, refusal_line
 
 from graphattn import export
 from graphattn.compiler import CompileOptions
@@ -23,7 +24,6 @@ from graphattn.runtime.model_metadata import read_metadata, version_tuple
 from graphattn.runtime.session import check_onnxruntime
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD_PYTHON = ROOT / ".venv-ort130" / "bin" / "python"
 WIDE = checkpoints.llama_variant(hidden_size=64, intermediate_size=96, max_position_embeddings=48)
 PROMPTS = [[5, 17, 42, 8, 11, 60, 3], [40, 41], [7, 3, 90, 12]]
 
@@ -163,11 +163,6 @@ def test_one_token_continuation_is_exact_in_every_cache(exports):
         np.testing.assert_allclose(logits, results["ort132", "plain"], atol=1e-4, err_msg=str(key))
 
 
-needs_old_venv = pytest.mark.skipif(
-    not OLD_PYTHON.is_file(), reason="no .venv-ort130 (scripts/setup_ort130.sh creates it)"
-)
-
-
 def run_old(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(OLD_PYTHON), "-c", code, *args],
@@ -212,17 +207,8 @@ def test_default_exports_run_in_onnxruntime_1_30(exports, name, cache):
 
 @needs_old_venv
 def test_cli_under_onnxruntime_1_30_refuses_a_1_32_export_in_one_line(exports):
-    graphattn = OLD_PYTHON.parent / "graphattn"
-    done = subprocess.run(
-        [str(graphattn), "generate", str(exports / "ort132"), "--prompt", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "needs onnxruntime >= 1.32, but 1.30.0 is installed" in lines[0]
+    line = refusal_line(exports / "ort132")
+    assert "needs onnxruntime >= 1.32, but 1.30.0 is installed" in line
 
 
 def test_python_api_and_cli_take_the_version(tmp_path):
