@@ -41,6 +41,26 @@ export function argmax(data, offset, count) {
   return best;
 }
 
+/**
+ * Throws, before the graph is loaded, when the export needs a newer onnxruntime than `ort` is
+ * (genai_config.json's top-level "graphattn.min_onnxruntime", e.g. "1.32" for a graph lowered
+ * with --ort-version 1.32): one clear message instead of onnxruntime's schema error.
+ */
+export function checkOnnxruntime(ort, genaiConfig = {}) {
+  const needed = genaiConfig?.["graphattn.min_onnxruntime"];
+  const installed = ort?.env?.versions?.common;
+  if (!needed || !installed) return;
+  const parts = (text) => text.split(".").map((p) => Number.parseInt(p, 10) || 0);
+  const [a, b] = [parts(installed), parts(needed)];
+  const older = a[0] < b[0] || (a[0] === b[0] && (a[1] ?? 0) < (b[1] ?? 0));
+  if (older) {
+    throw new Error(
+      `the export needs onnxruntime >= ${needed}, but this is ${installed}` +
+        ` (re-export with --ort-version ${a[0]}.${a[1]})`,
+    );
+  }
+}
+
 /** Stop ids from genai_config's eos_token_id (a number or a list). */
 export function eosIds(genaiConfig) {
   const eos = genaiConfig?.model?.eos_token_id;

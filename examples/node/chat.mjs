@@ -20,7 +20,7 @@ import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 import * as ort from "onnxruntime-node";
 
-import { Decoder } from "../common/decoder.mjs";
+import { checkOnnxruntime, Decoder } from "../common/decoder.mjs";
 import { StreamDecoder, TextTokenizer } from "../common/text.mjs";
 
 const USAGE =
@@ -68,6 +68,7 @@ async function main() {
   count("repeat");
 
   const genaiConfig = await readJson(path.join(exportDir, "genai_config.json"), {});
+  checkOnnxruntime(ort, genaiConfig);
   const modelFile = genaiConfig?.model?.decoder?.filename || "model.onnx";
   const sessionOptions = { graphOptimizationLevel: "all" };
   if (values.threads) sessionOptions.intraOpNumThreads = Number.parseInt(values.threads, 10);

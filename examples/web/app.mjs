@@ -16,7 +16,7 @@ import { Template } from "@huggingface/jinja";
 import { Tokenizer } from "@huggingface/tokenizers";
 import * as ort from "onnxruntime-web";
 
-import { Decoder } from "/common/decoder.mjs";
+import { checkOnnxruntime, Decoder } from "/common/decoder.mjs";
 import { StreamDecoder, TextTokenizer } from "/common/text.mjs";
 
 const query = new URLSearchParams(location.search);
@@ -48,6 +48,7 @@ async function load() {
   ort.env.wasm.numThreads = threads;
   ort.env.wasm.wasmPaths = "/node_modules/onnxruntime-web/dist/";
   const genaiConfig = await fetchJson("genai_config.json", {});
+  checkOnnxruntime(ort, genaiConfig);
   const modelFile = genaiConfig?.model?.decoder?.filename || "model.onnx";
   setStatus(`loading ${modelFile} (${threads} thread${threads > 1 ? "s" : ""})…`);
   const started = performance.now();
