@@ -1,6 +1,7 @@
 """The second venv, ``.venv-ort130`` (``scripts/setup_ort130.sh``): graphattn with onnxruntime
 1.30.0, the newest on npm, for tests of what an older onnxruntime does with our exports."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -25,3 +26,28 @@ def refusal_line(export_dir: Path) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     return lines[0]
+
+
+_GREEDY = """
+import json, sys
+import onnxruntime
+from graphattn.runtime import Generator
+path, prompts, cache, steps = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rows = prompts if prompts and isinstance(prompts[0], list) else [prompts]
+generator = Generator(path, provider="cpu", cache=cache, max_length=max(map(len, rows)) + steps)
+runs = generator.generate(rows, max_new_tokens=steps, use_eos=False)
+tokens = [r.token_ids for r in runs]
+print(json.dumps({"version": onnxruntime.__version__, "cache": generator.cache.name,
+                  "tokens": tokens if rows is prompts else tokens[0]}))
+"""
+
+
+def old_greedy(export_dir: Path, prompts, steps: int, cache: str = "auto"):
+    """Greedy tokens of our runtime under onnxruntime 1.30 (one prompt or a list of them):
+    the finished process, whose last stdout line is ``{"version", "cache", "tokens"}``."""
+    return subprocess.run(
+        [str(OLD_PYTHON), "-c", _GREEDY, str(export_dir), json.dumps(prompts), cache, str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

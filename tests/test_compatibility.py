@@ -22,7 +22,7 @@ import js_apps
 import pytest
 import tiny_tokenizer
 from genai_runner import genai_greedy
-from old_runtime import OLD_PYTHON
+from old_runtime import OLD_PYTHON, old_greedy
 
 from graphattn import export
 from graphattn.runtime import Generator
@@ -72,20 +72,11 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-OLD_GREEDY = """
-import json, sys
-from graphattn.runtime import Generator
-runs = Generator(sys.argv[1], provider="cpu").generate(json.loads(sys.argv[2]),
-                                                       max_new_tokens=int(sys.argv[3]),
-                                                       use_eos=False)
-print(json.dumps(runs.token_ids))
-"""
-
-
 def python_130(out: Path, prompt: list[int]) -> list[int]:
-    return json.loads(
-        _run([str(OLD_PYTHON), "-c", OLD_GREEDY, str(out), json.dumps(prompt)] + [str(STEPS)])
-    )
+    done = old_greedy(out, prompt, STEPS)
+    if done.returncode != 0:
+        raise RefusedError(done.stderr.strip()[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
 
 
 def node(out: Path, prompt: list[int]) -> list[int]:

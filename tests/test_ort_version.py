@@ -14,7 +14,7 @@ import checkpoints
 import numpy as np
 import onnx
 import pytest
-from old_runtime import OLD_PYTHON, needs_old_venv, refusal_line
+from old_runtime import needs_old_venv, old_greedy, refusal_line
 
 from graphattn import export
 from graphattn.compiler import CompileOptions
@@ -163,32 +163,11 @@ def test_one_token_continuation_is_exact_in_every_cache(exports):
         np.testing.assert_allclose(logits, results["ort132", "plain"], atol=1e-4, err_msg=str(key))
 
 
-def run_old(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(OLD_PYTHON), "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-OLD_GREEDY = """
-import json, sys
-import onnxruntime
-from graphattn.runtime import Generator
-prompts, cache, path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-generator = Generator(path, provider="cpu", cache=cache, max_length=24)
-runs = generator.generate(prompts, max_new_tokens=8, use_eos=False)
-print(json.dumps({"version": onnxruntime.__version__, "cache": generator.cache.name,
-                  "tokens": [r.token_ids for r in runs]}))
-"""
-
-
 @needs_old_venv
 @pytest.mark.parametrize("cache", ["auto", "plain"])
 @pytest.mark.parametrize("name", ["ort130", "int4-130", "portable"])
 def test_default_exports_run_in_onnxruntime_1_30(exports, name, cache):
-    done = run_old(OLD_GREEDY, json.dumps(PROMPTS), cache, str(exports / name))
+    done = old_greedy(exports / name, PROMPTS, 8, cache)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["version"] == "1.30.0"
