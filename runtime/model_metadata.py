@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_METADATA_FIELD = (
-    14  # ModelProto.metadata_props: repeated StringStringEntryProto {1: key, 2: value}
-)
+# ModelProto.metadata_props: repeated StringStringEntryProto {1: key, 2: value}
+_METADATA_FIELD = 14
 
 
 def _varint(data: bytes, at: int) -> tuple[int, int]:

@@ -61,11 +61,16 @@ def check_onnxruntime(model_path: Path, installed: str = ort.__version__) -> Non
     except (OSError, ValueError):
         return  # not readable as a model: onnxruntime's own load error says more
     if needed and version_tuple(installed) < version_tuple(needed):
-        ours = ".".join(str(part) for part in version_tuple(installed)[:2])
         raise ModelLoadError(
             f"{model_path}: needs onnxruntime >= {needed}, but {installed} is installed"
-            f" (upgrade onnxruntime, or re-export for it with --ort-version {ours})"
+            f" (upgrade onnxruntime, or re-export for it with --ort-version"
+            f" {_major_minor(installed)})"
         )
+
+
+def _major_minor(version: str) -> str:
+    """``"1.30.0"`` → ``"1.30"``, the spelling ``--ort-version`` takes."""
+    return ".".join(str(part) for part in version_tuple(version)[:2])
 
 
 def _load_error(model_path: Path, error: Exception) -> str:
@@ -77,7 +82,7 @@ def _load_error(model_path: Path, error: Exception) -> str:
         return (
             f"{model_path}: onnxruntime {ort.__version__} cannot load its GroupQueryAttention"
             " (lowered for a newer onnxruntime: re-export with --ort-version"
-            f" {'.'.join(ort.__version__.split('.')[:2])})"
+            f" {_major_minor(ort.__version__)})"
         )
     if len(first) > 300:
         first = first[:300] + "…"
