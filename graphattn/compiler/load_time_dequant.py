@@ -28,8 +28,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graphattn.compiler.blockquant import BlockQuantized, quantize_columns
-from graphattn.compiler.quantize import Prequantized
+from graphattn.compiler.blockquant import BlockQuantized
+from graphattn.compiler.quantize import Prequantized, weight_blocks
 from graphattn.compiler.rewrite import add_initializer, attribute
 
 WEIGHTS_KEY = "graphattn.weights"  # model metadata: how the weights are stored
@@ -159,11 +159,7 @@ def dequantize_at_load(
         if not uses or None in axes or len(axes) != 1:
             continue
         (axis,) = axes
-        if value.name in prequantized:
-            blocks = prequantized[value.name]()
-        else:
-            array = tensor.numpy().astype(np.float32)
-            blocks = quantize_columns(array if axis == 0 else array.T, bits, block_size, symmetric)
+        blocks = weight_blocks(value, axis == 1, bits, block_size, prequantized, symmetric)
         base = f"{value.name}.q{blocks.bits}"
         nodes, folded = _folded_weight(graph, blocks, axis, base, tensor.shape)
         first = min((u.node for u in uses), key=order.__getitem__)

@@ -52,7 +52,7 @@ def _weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
     return None
 
 
-def _quantized(
+def weight_blocks(
     weight: ir.Value,
     transposed: bool,
     bits: int,
@@ -60,6 +60,9 @@ def _quantized(
     prequantized: Prequantized,
     symmetric: bool,
 ) -> BlockQuantized:
+    """The blocks of a constant 2-D ``weight`` (``[K, N]``, or ``[N, K]`` when
+    ``transposed``): its ``prequantized`` ones (a GGUF's, lossless) where given, else
+    round-to-nearest ``quantize_columns``."""
     if weight.name in prequantized:
         return prequantized[weight.name]()
     array = weight.const_value.numpy().astype(np.float32)
@@ -90,7 +93,7 @@ def quantize_weights(
         k = weight.const_value.shape[1 if transposed else 0]
         if standard and k % block_size and weight.name not in prequantized:
             continue  # blocked DequantizeLinear needs whole blocks: this weight stays float
-        quantized = _quantized(weight, transposed, bits, block_size, prequantized, symmetric)
+        quantized = weight_blocks(weight, transposed, bits, block_size, prequantized, symmetric)
         base = f"{weight.name}.q{quantized.bits}"
         if standard:
             _lower_standard(graph, node, quantized, base, transposed)
