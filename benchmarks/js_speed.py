@@ -25,11 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import js_apps  # noqa: E402
+
+from graphattn.runtime.bench import bench_prompt  # noqa: E402
 
 EXPORTS = {
     "portable-fp32": ["--target", "portable"],
@@ -61,9 +61,9 @@ def graphattn() -> list[str]:
 
 
 def prompt_ids(export: Path, length: int) -> list[int]:
-    """The prompt ``graphattn bench`` times: ``length`` random ids from seed 0."""
+    """The prompt ``graphattn bench`` times (:func:`graphattn.runtime.bench.bench_prompt`)."""
     vocab = json.loads((export / "genai_config.json").read_text())["model"]["vocab_size"]
-    return np.random.default_rng(0).integers(0, vocab, size=length).tolist()
+    return bench_prompt(vocab, length)
 
 
 def python_rows(export: Path, args) -> dict[str, dict]:

@@ -15,6 +15,12 @@ from graphattn.runtime.sampling import SamplingOptions
 from graphattn.runtime.session import ModelSession
 
 
+def bench_prompt(vocab_size: int, length: int) -> list[int]:
+    """The prompt ``bench`` times: ``length`` random token ids below ``vocab_size``, seed 0
+    (other engines timed against ours use the same one)."""
+    return np.random.default_rng(0).integers(0, vocab_size, size=length).tolist()
+
+
 def bench(
     path: str,
     *,
@@ -31,7 +37,7 @@ def bench(
     if caches is None:
         caches = ("shared", "bound", "plain") if model.shares_kv_buffer else ("bound", "plain")
     vocab = model.config.vocab_size or 1000
-    prompt = np.random.default_rng(0).integers(0, vocab, size=prompt_len).tolist()
+    prompt = bench_prompt(vocab, prompt_len)
     rows = []
     for cache in caches:
         generator = Generator(model, cache=cache, max_length=prompt_len + new_tokens)
