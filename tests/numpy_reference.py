@@ -131,3 +131,102 @@ def position_ids(attention_mask: np.ndarray, query_len: int):
             count += int(token)
         out[b] = positions[len(row) - query_len :]
     return out
+
+
+def rope_frequencies_reference(
+    rotary_dim: int,
+    theta: float,
+    scaling: dict | None,
+    max_position_embeddings: int,
+    original_max_position_embeddings: int | None = None,
+    seq_len: int | None = None,
+):
+    """(inv_freq [rotary_dim / 2] float64, attention_factor) that transformers' rotary embedding
+    uses for a call whose max(position_ids) + 1 is ``seq_len`` (None: as built, before any call).
+
+    Written from the published formulas one frequency at a time: default, linear, dynamic NTK
+    (base * (factor * L / L0 - (factor - 1)) ** (d / (d - 2)), L = max(seq_len, L0)), YaRN (linear
+    ramp between the correction dimensions of beta_fast and beta_slow), LongRoPE (short factors,
+    long ones once seq_len > the original length) and Llama 3.1 (wavelength bands).
+    """
+    scaling = dict(scaling or {})
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    original = original_max_position_embeddings
+    if original is None:
+        original = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    half = rotary_dim // 2
+    base = float(theta)
+    if kind == "dynamic":
+        length = (
+            max_position_embeddings if seq_len is None else max(seq_len, max_position_embeddings)
+        )
+        factor = scaling["factor"]
+        stretch = factor * length / max_position_embeddings - (factor - 1)
+        base = base * stretch ** (rotary_dim / (rotary_dim - 2))
+    plain = [base ** (-(2.0 * i) / rotary_dim) for i in range(half)]
+    attention_factor = 1.0
+    if kind in ("default", "dynamic"):
+        freqs = plain
+    elif kind == "linear":
+        freqs = [f / scaling["factor"] for f in plain]
+    elif kind == "llama3":
+        freqs = []
+        for f in plain:
+            wavelength = 2 * math.pi / f
+            if wavelength < original / scaling["high_freq_factor"]:
+                freqs.append(f)
+            elif wavelength > original / scaling["low_freq_factor"]:
+                freqs.append(f / scaling["factor"])
+            else:
+                t = (original / wavelength - scaling["low_freq_factor"]) / (
+                    scaling["high_freq_factor"] - scaling["low_freq_factor"]
+                )
+                freqs.append(t * f + (1 - t) * f / scaling["factor"])
+    elif kind == "yarn":
+        factor = scaling.get("factor")
+        if factor is None:
+            factor = max_position_embeddings / original
+
+        def mscale_of(scale, m):
+            return 1.0 if scale <= 1 else 1.0 + 0.1 * m * math.log(scale)
+
+        if scaling.get("attention_factor") is not None:
+            attention_factor = scaling["attention_factor"]
+        elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale_of(factor, scaling["mscale"]) / mscale_of(
+                factor, scaling["mscale_all_dim"]
+            )
+        else:
+            attention_factor = mscale_of(factor, 1.0)
+
+        def correction_dim(rotations):
+            # the dimension index d at which original / wavelength(d) == rotations
+            return (
+                rotary_dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+            )
+
+        lo = correction_dim(scaling.get("beta_fast") or 32)
+        hi = correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, rotary_dim - 1)
+        if hi == lo:
+            hi = hi + 0.001
+        freqs = []
+        for i, f in enumerate(plain):
+            interpolate = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+            freqs.append(interpolate * (f / factor) + (1 - interpolate) * f)
+    elif kind == "longrope":
+        factor = scaling.get("factor")
+        if factor is None:
+            factor = max_position_embeddings / original
+        if scaling.get("attention_factor") is not None:
+            attention_factor = scaling["attention_factor"]
+        elif factor > 1:
+            attention_factor = math.sqrt(1 + math.log(factor) / math.log(original))
+        use_long = seq_len is not None and seq_len > original
+        divisors = scaling["long_factor"] if use_long else scaling["short_factor"]
+        freqs = [f / divisors[i] for i, f in enumerate(plain)]
+    else:
+        raise ValueError(f"reference: no rope type {kind!r}")
+    return np.array(freqs, dtype=np.float64), float(attention_factor)
