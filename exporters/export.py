@@ -86,7 +86,11 @@ def open_source(checkpoint: str | Path):
 
 def plan_weights(checkpoint: Checkpoint, architecture: Architecture, cfg: ModelConfig):
     """{role: WeightSource}, after checking every tensor against the checkpoint headers."""
-    plan = architecture.weights(cfg)
+    plan = {
+        role: source
+        for role, source in architecture.weights(cfg).items()
+        if not source.optional or source.source in checkpoint.tensors
+    }
     used = set()
     for source in plan.values():
         entry = checkpoint.tensors.get(source.source)
@@ -267,7 +271,7 @@ def export(
         copied = source.write_tokenizer(staging)
         model_file, data_file, moved = MODEL_FILE, DATA_FILE, []
         if layout == "transformers.js":
-            moved = arrange(staging, cfg, precision)
+            moved = arrange(staging, source.config, cfg, precision)
             model_file = f"{ONNX_DIR}/{model_file_name(precision)}"
             data_file = f"{model_file}_data"
     out = Path(out_dir).absolute()

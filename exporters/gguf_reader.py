@@ -1,6 +1,7 @@
-"""Open a GGUF file as a checkpoint: Llama metadata → an HF-style ``config.json`` dict, GGUF
-tensor names → HF names, tensors dequantized to float32 one at a time (memory-mapped), and the
-Q/K row permutation that GGUF converters apply for RoPE undone.
+"""Open a GGUF file as a checkpoint: the family's metadata → an HF-style ``config.json`` dict,
+GGUF tensor names → HF names (both declared in the family's file in ``graphattn.models``, as a
+:class:`~graphattn.spec.GGUFSpec`), tensors dequantized to float32 one at a time
+(memory-mapped), and the Q/K row permutation that GGUF converters apply for RoPE undone.
 
 The file is parsed by :mod:`graphattn.exporters.gguf_format`; the optional ``gguf`` package
 (``pip install graphattn[gguf]``) is needed only for tensor types not decoded here.
@@ -18,37 +19,20 @@ from graphattn.exporters.gguf_dequant import dequantize, q4_parts, q8_0_parts
 from graphattn.exporters.gguf_format import GGUFFormatError, read_gguf
 from graphattn.exporters.gguf_tokenizer import write_tokenizer_files
 from graphattn.exporters.safetensors_reader import CheckpointError
+from graphattn.models import gguf_spec_for
+from graphattn.spec import GGUFSpec
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 LOSSLESS_KINDS = ("Q8_0", "Q4_0", "Q4_1")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF (LlamaForCausalLM) name of a GGUF tensor, or None if it has none."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(spec: GGUFSpec, gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor under the family's naming (``spec``), or None."""
+    if gguf_name in spec.tensor_names:
+        return spec.tensor_names[gguf_name]
     match = _LAYER.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in spec.layer_names:
+        return f"{spec.layer_prefix}.{match.group(1)}.{spec.layer_names[match.group(2)]}"
     return None
 
 
@@ -76,12 +60,6 @@ class GGUFTensor:
     index: int
 
 
-def _require(fields: dict, key: str, path: Path):
-    if key not in fields:
-        raise CheckpointError(f"{path}: GGUF metadata {key!r} is missing")
-    return fields[key]
-
-
 class GGUFCheckpoint:
     """A GGUF file with the interface of an HF checkpoint (config, tensors, load, tokenizer)."""
 
@@ -92,10 +70,18 @@ class GGUFCheckpoint:
         except (GGUFFormatError, OSError) as error:
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({error})") from None
         self.fields = self._file.fields
-        self.config = self._config()
+        arch = self.fields.get("general.architecture")
+        try:
+            self.spec = gguf_spec_for(arch)
+        except ValueError as error:
+            raise CheckpointError(f"{self.path}: {error}") from None
+        try:
+            self.config = self.spec.config(self.fields, self._need)
+        except ValueError as error:
+            raise CheckpointError(f"{self.path}: {error}") from None
         self.tensors: dict[str, GGUFTensor] = {}
         for index, info in enumerate(self._file.tensors):
-            name = hf_name(info.name)
+            name = hf_name(self.spec, info.name)
             if name is None:
                 if info.name == "rope_freqs.weight":
                     raise CheckpointError(
@@ -107,54 +93,16 @@ class GGUFCheckpoint:
             )
         self.config["tie_word_embeddings"] = "lm_head.weight" not in self.tensors
 
+    def _need(self, key: str):
+        """A required metadata value; the one-line error names the key and the file."""
+        if key not in self.fields:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key!r} is missing")
+        return self.fields[key]
+
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data in the file."""
         return sum(t.nbytes for t in self.tensors.values())
-
-    def _config(self) -> dict:
-        f, path = self.fields, self.path
-        arch = f.get("general.architecture")
-        if arch != "llama":
-            raise CheckpointError(
-                f"{path}: GGUF architecture {arch!r} is not supported (only llama)"
-            )
-        heads = int(_require(f, "llama.attention.head_count", path))
-        hidden = int(_require(f, "llama.embedding_length", path))
-        tokens = f.get("tokenizer.ggml.tokens")
-        vocab = f.get("llama.vocab_size", len(tokens) if tokens is not None else None)
-        if vocab is None:
-            raise CheckpointError(
-                f"{path}: GGUF metadata 'llama.vocab_size' (or tokenizer.ggml.tokens) is missing"
-            )
-        config = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": hidden,
-            "intermediate_size": int(_require(f, "llama.feed_forward_length", path)),
-            "num_hidden_layers": int(_require(f, "llama.block_count", path)),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(f.get("llama.attention.head_count_kv", heads)),
-            "head_dim": int(f.get("llama.attention.key_length", hidden // heads)),
-            "max_position_embeddings": int(f.get("llama.context_length", 2048)),
-            "rms_norm_eps": float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": float(f.get("llama.rope.freq_base", 10000.0)),
-            "vocab_size": int(vocab),
-            "hidden_act": "silu",
-            "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
-            "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
-        }
-        rotary = f.get("llama.rope.dimension_count")
-        if rotary is not None and int(rotary) != config["head_dim"]:
-            config["partial_rotary_factor"] = int(rotary) / config["head_dim"]
-        scaling = f.get("llama.rope.scaling.type")
-        if scaling not in (None, "none"):
-            if scaling != "linear":
-                raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported")
-            factor = float(_require(f, "llama.rope.scaling.factor", path))
-            config["rope_scaling"] = {"type": "linear", "factor": factor}
-        return config
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes/values of tensor ``name`` (memory-mapped), rows first."""
@@ -178,10 +126,9 @@ class GGUFCheckpoint:
 
     def permuted_heads(self, name: str) -> int | None:
         """Head count whose RoPE permutation applies to ``name``'s rows, or None."""
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            return self.config["num_attention_heads"]
-        if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            return self.config["num_key_value_heads"]
+        for suffix, heads_key in self.spec.permuted_rows.items():
+            if name.endswith(suffix):
+                return int(self.config[heads_key])
         return None
 
     def block_quantized_kind(self, name: str) -> str | None:

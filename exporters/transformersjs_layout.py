@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnx
@@ -51,12 +51,8 @@ MAX_CHUNKS = 100
 # 64 KiB boundary (mmap-able), smaller ones on 64 bytes.
 _ALIGN_THRESHOLD, _ALIGN_LARGE, _ALIGN_SMALL = 1 << 20, 1 << 16, 64
 
-_ARCHITECTURES = {
-    "gpt2": "GPT2LMHeadModel",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
+# Keys of a source config.json that describe its files, not the model: not restated.
+_FILE_KEYS = ("transformers.js_config", "quantization_config", "_name_or_path", "auto_map")
 
 
 def model_file_name(precision: str) -> str:
@@ -72,51 +68,14 @@ def chunk_names(model_name: str, count: int) -> list[str]:
     return [f"{model_name}_data" + ("" if i == 0 else f"_{i}") for i in range(count)]
 
 
-def hf_config(cfg: ModelConfig, precision: str, chunks: int) -> dict:
-    """``config.json`` synthesized from the ModelConfig (a GGUF has none; for an HF directory
-    this restates what the graph computes, in that family's own key names), plus the
-    ``transformers.js_config`` block naming the dtype and the external-data chunk count."""
-    if cfg.model_type not in _ARCHITECTURES:
-        known = ", ".join(_ARCHITECTURES)
-        raise ValueError(f"model_type {cfg.model_type!r} has no transformers.js layout ({known})")
-    config: dict[str, object] = {
-        "architectures": [_ARCHITECTURES[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-    }
-    if cfg.positions == "learned":  # GPT-2 names its sizes n_*
-        config |= {
-            "n_embd": cfg.hidden_size,
-            "n_layer": cfg.num_layers,
-            "n_head": cfg.num_heads,
-            "n_inner": cfg.intermediate_size,
-            "n_positions": cfg.context_length,
-            "n_ctx": cfg.context_length,
-            "layer_norm_epsilon": cfg.norm_epsilon,
-            "activation_function": "gelu_new",
-        }
-    else:
-        config |= {
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
-            "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.kv_heads,
-            "head_dim": cfg.head_dim,
-            "max_position_embeddings": cfg.context_length,
-            "rms_norm_eps": cfg.norm_epsilon,
-            "rope_theta": cfg.rope_theta,
-            "hidden_act": "silu",
-            "attention_bias": cfg.qkv_bias,
-        }
-        if cfg.rope_scaling is not None:
-            config["rope_scaling"] = dict(cfg.rope_scaling)
-        if cfg.rotary_dim is not None:
-            config["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
-        if cfg.model_type == "mistral":
-            config["sliding_window"] = cfg.window
-        if cfg.model_type == "qwen2":
-            config["use_sliding_window"] = False
+def hf_config(source_config: Mapping[str, object], cfg: ModelConfig, precision: str, chunks: int):
+    """``config.json``: the checkpoint's own (for a GGUF, the HF config its metadata maps to),
+    so transformers.js picks the family's class and cache names from the family's keys, plus
+    the token ids, the precision and the ``transformers.js_config`` block naming the dtype and
+    the external-data chunk count."""
+    if not source_config.get("model_type"):
+        raise ValueError("the checkpoint config has no model_type for transformers.js")
+    config = {k: v for k, v in source_config.items() if k not in _FILE_KEYS}
     config |= _token_ids(cfg)
     dtype = PRECISION_DTYPES[precision]
     config |= {
@@ -263,6 +222,7 @@ def _copy(source, target, length: int, block: int = 64 << 20) -> None:
 
 def arrange(
     directory: str | Path,
+    source_config: Mapping[str, object],
     cfg: ModelConfig,
     precision: str,
     *,
@@ -270,7 +230,8 @@ def arrange(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> list[Path]:
     """Turn a finished export in ``directory`` (``model.onnx`` + ``model.onnx.data`` +
-    ``genai_config.json`` + tokenizer files) into the transformers.js layout, in place.
+    ``genai_config.json`` + tokenizer files) of a checkpoint whose config is
+    ``source_config`` into the transformers.js layout, in place.
 
     Meant for a directory not yet in its final place (the export's staging directory, see
     :func:`graphattn.exporters.output_dir.staged_directory`), so a failure half-way is never
@@ -290,7 +251,7 @@ def arrange(
     written = [target_dir / name, *(target_dir / c for c in chunks)]
 
     files = {
-        "config.json": hf_config(cfg, precision, len(chunks)),
+        "config.json": hf_config(source_config, cfg, precision, len(chunks)),
         "generation_config.json": generation_config(cfg),
     }
     genai = directory / "genai_config.json"

@@ -246,13 +246,18 @@ def _inspect_command(subparsers: argparse._SubParsersAction) -> None:
         "inspect", help="print an export's architecture, I/O, op counts and sizes"
     )
     parser.add_argument("export_dir", help="directory written by graphattn export")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list, per layer, the kernel each attention block became and why not others",
+    )
     parser.set_defaults(run=_inspect)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from graphattn.inspect import describe
 
-    print(describe(args.export_dir))
+    print(describe(args.export_dir, explain=args.explain))
     return 0
 
 

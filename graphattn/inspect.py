@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphattn.compiler.blocks import explain as explain_lowering
 from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY
 
 
@@ -38,10 +39,14 @@ def _compact(names: list[str]) -> list[str]:
     return lines
 
 
-def describe(out_dir: str | Path) -> str:
-    """A multi-line report of an export directory (the model's weights are not loaded)."""
+def describe(out_dir: str | Path, *, explain: bool = False) -> str:
+    """A multi-line report of an export directory (the model's weights are not loaded);
+    ``explain``: also the attention lowering per layer (kernel, and why not the others)."""
     out_dir = Path(out_dir)
     model_path = out_dir / "model.onnx" if out_dir.is_dir() else out_dir
+    if out_dir.is_dir() and not model_path.is_file():
+        found = sorted((out_dir / "onnx").glob("model*.onnx"))  # transformers.js layout
+        model_path = found[0] if found else model_path
     if not model_path.is_file():
         raise FileNotFoundError(f"{out_dir}: no model.onnx")
     model = onnx.load(str(model_path), load_external_data=False)
@@ -102,6 +107,8 @@ def describe(out_dir: str | Path) -> str:
         )
     parameters = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
     lines.append(f"initializers: {len(model.graph.initializer)} ({parameters:,} values)")
+    if explain:
+        lines.extend(explain_lowering(metadata))
     lines.append("files:")
     for path in sorted(model_path.parent.iterdir()):
         if path.is_file():

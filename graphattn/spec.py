@@ -1,13 +1,16 @@
 """Spec types: what an architecture file in ``graphattn.models`` produces.
 
-A :class:`ModelConfig` says what the graph computes; a :class:`WeightSource` says where one
-graph initializer comes from in the checkpoint and which NumPy fix-up (transpose, column split)
-makes it the layout the graph wants. Builders and exporters only see these types.
+A :class:`ModelConfig` says what the graph computes: model-wide facts (vocabulary, embedding
+and logit scales, final norm) and one :class:`LayerSpec` per layer (its attention, norms, MLP
+and residual form). A :class:`WeightSource` says where one graph initializer comes from in the
+checkpoint and which NumPy fix-ups (transpose, row slices, ``1 + w``, ...) make it the layout
+the graph wants. Builders and exporters only see these types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +23,7 @@ KV_BUFFER_KEY = "graphattn.kv_buffer"  # "shared": past and present may be one b
 MIN_ORT_KEY = "graphattn.min_onnxruntime"  # "X.Y": the oldest onnxruntime that runs the graph
 # "one_token": a batch of several rows continuing after a past takes one token per call
 CONTINUATION_KEY = "graphattn.batched_continuation"
+LOWERING_KEY = "graphattn.lowering"  # per layer: the kernel each attention block became, and why
 
 # Symbolic dims of a decoder's I/O, named as Optimum and ONNX Runtime GenAI name them
 # (transformers.js resolves only BATCH when it builds its empty cache from the graph).
@@ -28,76 +32,240 @@ SEQUENCE = "sequence_length"
 PAST = "past_sequence_length"
 TOTAL = "total_sequence_length"
 
+NORM_KINDS = ("rms", "layer")
+MLP_KINDS = ("gated", "plain")
+# activation name -> what it computes (see graphattn.layers)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+RESIDUALS = ("sequential", "parallel")
+QK_NORM_SCOPES = ("head", "full")
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner} {name} must be a positive int, got {value!r}")
+
+
+def _positive_or_none(owner: str, name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{owner} {name} must be a positive number or None, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner} {name} must be finite, got {value!r}")
+
+
+def _choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner} {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A normalization over the last axis: ``rms`` or ``layer`` (LayerNorm), with ``epsilon``.
+
+    Whether it has a scale or a bias is the weight plan's business (a role that is absent is
+    no input: OLMo's LayerNorm has neither); ``1 + w`` norms are a weight fix-up."""
+
+    kind: str
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        _choice("norm", "kind", self.kind, NORM_KINDS)
+        _positive_or_none("norm", "epsilon", self.epsilon)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of one layer: the first ``rotary_dim`` channels of each head rotate,
+    split-halves or ``interleaved`` pairs, base ``theta``, HF ``scaling`` dict (``rope_type``
+    linear, dynamic, yarn, longrope, llama3) or None. ``original_context``: the pre-scaling
+    context for scalings that need it when the dict does not say (Phi-3 longrope)."""
+
+    rotary_dim: int
+    theta: float
+    scaling: Mapping[str, object] | None = None
+    interleaved: bool = False
+    original_context: int | None = None
+    context: int = 0  # max_position_embeddings of the model (yarn, longrope read it)
+
+    def __post_init__(self) -> None:
+        _positive_int("rope", "rotary_dim", self.rotary_dim)
+        if self.rotary_dim % 2:
+            raise ValueError(f"rope rotary_dim must be even, got {self.rotary_dim}")
+        _positive_or_none("rope", "theta", self.theta)
+
+    @property
+    def key(self) -> tuple:
+        """Identity for sharing one cos/sin computation between layers."""
+        scaling = tuple(sorted((k, repr(v)) for k, v in (self.scaling or {}).items()))
+        return (self.rotary_dim, self.theta, scaling, self.original_context, self.context)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Self-attention of one layer.
+
+    ``num_heads`` query heads and ``kv_heads`` key/value heads of ``head_dim``; ``rope`` or None
+    (NoPE layers, learned positions); ``window``: attend the last W positions, or None;
+    ``scale`` of the scores (default ``1/sqrt(head_dim)``); ``softcap`` of the scores;
+    ``qk_norm``: RMS/LayerNorm of queries and keys per ``head`` (Qwen3, Gemma 3) or over the
+    ``full`` projection width (OLMo 2), or None; ``clip_qkv``: q/k/v clamped to ±c (OLMo);
+    ``alibi``: per-head linear position biases (Bloom, MPT); ``causal``: decoders are.
+    Projection biases exist where the weight plan has them."""
+
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    rope: RopeSpec | None = None
+    window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+    qk_norm: NormSpec | None = None
+    qk_norm_scope: str = "head"
+    clip_qkv: float | None = None
+    alibi: bool = False
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "kv_heads", "head_dim"):
+            _positive_int("attention", name, getattr(self, name))
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"config num_key_value_heads={self.kv_heads} must divide "
+                f"num_attention_heads={self.num_heads}"
+            )
+        if self.window is not None:
+            _positive_int("attention", "sliding_window", self.window)
+        for name in ("scale", "softcap", "clip_qkv"):
+            _positive_or_none("attention", name, getattr(self, name))
+        _choice("attention", "qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        if self.rope is not None and self.rope.rotary_dim > self.head_dim:
+            raise ValueError(
+                f"rope rotary_dim={self.rope.rotary_dim} exceeds head_dim={self.head_dim}"
+            )
+        if self.rope is not None and self.alibi:
+            raise ValueError("attention cannot have both rope and alibi")
+
+    @property
+    def effective_scale(self) -> float:
+        """The score scale: ``scale``, else ``1/sqrt(head_dim)``."""
+        return 1.0 / math.sqrt(self.head_dim) if self.scale is None else float(self.scale)
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """Feed-forward block: ``gated`` (``act(x W_gate) * (x W_up)`` then ``W_down``) or ``plain``
+    (``act(x W_fc)`` then ``W_proj``), ``activation`` one of ACTIVATIONS, width
+    ``intermediate_size``. Biases exist where the weight plan has them."""
+
+    kind: str
+    activation: str
+    intermediate_size: int
+
+    def __post_init__(self) -> None:
+        _choice("mlp", "kind", self.kind, MLP_KINDS)
+        _choice("mlp", "activation", self.activation, ACTIVATIONS)
+        _positive_int("mlp", "intermediate_size", self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer.
+
+    ``norms`` names the norms that exist, each a :class:`NormSpec` keyed by place:
+    ``attn_norm`` (before attention), ``post_attn_norm`` (on the attention output, before the
+    residual add: Gemma 2/3, OLMo 2), ``mlp_norm`` (before the MLP) and ``post_mlp_norm``.
+    ``residual``: ``sequential`` (``h += attn(...)`` then ``h += mlp(...)``) or ``parallel``
+    (``h += attn(n1(h)) + mlp(n2(h))``, where a missing ``mlp_norm`` means the MLP reads the
+    attention norm's output: GPT-J, Phi-2, Falcon). ``residual_scale`` multiplies each branch
+    before it is added (Granite's ``residual_multiplier``)."""
+
+    attention: AttentionSpec
+    mlp: MlpSpec
+    norms: Mapping[str, NormSpec]
+    residual: str = "sequential"
+    residual_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("layer", "residual", self.residual, RESIDUALS)
+        unknown = set(self.norms) - {"attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm"}
+        if unknown:
+            raise ValueError(f"layer norms: unknown places {sorted(unknown)}")
+        _positive_or_none("layer", "residual_scale", self.residual_scale)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer, architecture-neutral.
+    """A decoder-only transformer: model-wide facts plus one :class:`LayerSpec` per layer.
 
-    ``positions``: ``"learned"`` (GPT-2 position table) or ``"rotary"``. ``norm``: ``"layer"``
-    or ``"rms"``. ``mlp``: ``"gelu"`` (fc/proj with biases) or ``"swiglu"`` (gate/up/down).
-    ``window``: sliding-window length W (attend the last W positions) or None.
-    """
+    ``positions``: ``"learned"`` (a position table, GPT-2) or None (positions live in each
+    layer's attention: RoPE, ALiBi or none). ``embedding_scale`` multiplies the token
+    embeddings (Gemma ``sqrt(hidden)``, Granite); ``logit_scale`` multiplies the logits
+    (Cohere; Granite's ``1/logits_scaling``); ``final_softcap`` caps them (Gemma 2).
+    ``final_norm`` is the norm before the output projection."""
 
     model_type: str
     vocab_size: int
     hidden_size: int
-    num_layers: int
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate_size: int
     context_length: int
-    positions: str
-    norm: str
-    norm_epsilon: float
-    mlp: str
-    qkv_bias: bool = False
-    out_bias: bool = False
+    layers: tuple[LayerSpec, ...]
+    final_norm: NormSpec
+    positions: str | None = None
+    embedding_scale: float | None = None
+    logit_scale: float | None = None
+    final_softcap: float | None = None
     tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Mapping[str, object] | None = None
-    rotary_dim: int | None = None
-    rope_interleaved: bool = False
-    window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "kv_heads",
-            "head_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config {name} must be a positive int, got {value!r}")
-        if self.num_heads % self.kv_heads:
-            raise ValueError(
-                f"config num_key_value_heads={self.kv_heads} must divide "
-                f"num_attention_heads={self.num_heads}"
-            )
-        if self.positions not in ("learned", "rotary"):
-            raise ValueError(f"config positions must be learned or rotary, got {self.positions!r}")
-        if self.norm not in ("layer", "rms"):
-            raise ValueError(f"config norm must be layer or rms, got {self.norm!r}")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"config mlp must be gelu or swiglu, got {self.mlp!r}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"config sliding_window must be >= 1, got {self.window}")
+        for name in ("vocab_size", "hidden_size", "context_length"):
+            _positive_int("config", name, getattr(self, name))
+        if not self.layers:
+            raise ValueError("config num_hidden_layers must be a positive int, got 0")
+        if self.positions not in (None, "learned"):
+            raise ValueError(f"config positions must be learned or None, got {self.positions!r}")
+        _positive_or_none("config", "embedding_scale", self.embedding_scale)
+        _positive_or_none("config", "logit_scale", self.logit_scale)
+        _positive_or_none("config", "final_softcap", self.final_softcap)
+        shapes = {(a.kv_heads, a.head_dim) for a in (layer.attention for layer in self.layers)}
+        if len(shapes) != 1:
+            raise ValueError(f"layers must share one KV cache shape, got {sorted(shapes)}")
+
+    # Uniform facts the runtime, genai_config and inspect read (every layer shares them).
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
-    def effective_rotary_dim(self) -> int:
-        """Channels of each head that rotate (all of head_dim unless partial)."""
-        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+    def num_heads(self) -> int:
+        return self.layers[0].attention.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.layers[0].attention.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].attention.head_dim
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.layers[0].mlp.intermediate_size
 
     def replace(self, **changes: object) -> ModelConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def replace_attention(self, **changes: object) -> ModelConfig:
+        """A copy with the same attention fields changed in every layer."""
+        layers = tuple(
+            dataclasses.replace(layer, attention=dataclasses.replace(layer.attention, **changes))
+            for layer in self.layers
+        )
+        return dataclasses.replace(self, layers=layers)
 
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -108,14 +276,16 @@ class WeightSource:
     """One graph initializer: ``name`` in the graph, read from checkpoint tensor ``source``.
 
     ``transform`` maps the checkpoint array (float32) to the graph layout; ``shape`` is the
-    checkpoint tensor's expected shape, checked before anything is read.
-    """
+    checkpoint tensor's expected shape, checked before anything is read; ``out_shape`` the
+    graph's (after the transform) when it differs. ``optional``: the role exists only when
+    the checkpoint has the tensor (a bias the config does not announce)."""
 
     name: str
     source: str
     shape: tuple[int, ...]
     transform: Transform | None = None
     out_shape: tuple[int, ...] | None = None
+    optional: bool = False
 
     @property
     def graph_shape(self) -> tuple[int, ...]:
@@ -123,13 +293,31 @@ class WeightSource:
         return self.shape if self.out_shape is None else self.out_shape
 
 
+# ------------------------------------------------------------------ weight fix-ups (compose)
 def transpose(array: np.ndarray) -> np.ndarray:
     """``[out, in]`` (torch Linear) → ``[in, out]`` (MatMul), as a contiguous copy."""
     return np.ascontiguousarray(array.T)
 
 
+def plus_one(array: np.ndarray) -> np.ndarray:
+    """``1 + w``: norms stored as offsets from one (Gemma, Nemotron's layernorm1p)."""
+    return array + np.float32(1.0)
+
+
+def rows(start: int, stop: int) -> Transform:
+    """Rows ``start:stop`` (a torch-layout fused projection ``[out, in]`` or a bias ``[out]``
+    cut into pieces of unequal width: Phi-3's ``qkv_proj``, Falcon's MQA ``query_key_value``)."""
+
+    def take(array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array[start:stop])
+
+    take.__name__ = f"rows_{start}_{stop}"
+    return take
+
+
 def column_block(index: int, count: int) -> Transform:
-    """A transform taking column block ``index`` of ``count`` equal blocks (fused QKV split)."""
+    """A transform taking column block ``index`` of ``count`` equal blocks (GPT-2's fused QKV,
+    Conv1D ``[in, 3C]``)."""
 
     def take(array: np.ndarray) -> np.ndarray:
         width = array.shape[-1] // count
@@ -139,14 +327,62 @@ def column_block(index: int, count: int) -> Transform:
     return take
 
 
+def per_head_rows(index: int, parts: int, heads: int) -> Transform:
+    """Rows of part ``index`` from a fused projection whose rows are grouped per head
+    (``[heads, parts, head_dim]`` along dim 0, GPT-NeoX's and Bloom's ``query_key_value``):
+    returns ``[heads * head_dim, ...]`` in head order."""
+
+    def take(array: np.ndarray) -> np.ndarray:
+        grouped = array.reshape(heads, parts, -1, *array.shape[1:])
+        return np.ascontiguousarray(grouped[:, index].reshape(-1, *array.shape[1:]))
+
+    take.__name__ = f"per_head_rows_{index}_of_{parts}"
+    return take
+
+
+def compose(*transforms: Transform | None) -> Transform | None:
+    """The fix-ups applied left to right (``compose(rows(0, 64), transpose)``); None if none."""
+    steps = [t for t in transforms if t is not None]
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def run(array: np.ndarray) -> np.ndarray:
+        for step in steps:
+            array = step(array)
+        return array
+
+    run.__name__ = "∘".join(getattr(s, "__name__", "fixup") for s in reversed(steps))
+    return run
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How one family reads a GGUF file (declared in the family's file).
+
+    ``arch``: the file's ``general.architecture``. ``config(fields, need) -> dict``: an HF
+    ``config.json`` dict from the metadata. ``tensor_names``: GGUF name → HF name for names
+    outside layers; ``layer_names``: for ``blk.{i}.<suffix>``. ``permuted_rows``: HF suffixes
+    whose rows llama.cpp's converter permuted for its RoPE (``{suffix: config key of the
+    head count}``), undone at load."""
+
+    arch: str
+    config: Callable[[Mapping[str, object], Callable[[str], object]], dict]
+    tensor_names: Mapping[str, str]
+    layer_names: Mapping[str, str]
+    layer_prefix: str = "model.layers"
+    permuted_rows: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What one file in ``graphattn.models`` registers.
 
     ``config_from_hf(config_json) -> ModelConfig``; ``weights(config) -> {role: WeightSource}``
     with the roles the builder reads; ``ignored`` lists checkpoint-name suffixes that may be
-    present but are not weights (buffers such as ``attn.masked_bias``).
-    """
+    present but are not weights (buffers such as ``attn.masked_bias``); ``gguf`` how its GGUF
+    files read, if they do."""
 
     name: str
     hf_architectures: tuple[str, ...]
@@ -154,3 +390,4 @@ class Architecture:
     weights: Callable[[ModelConfig], dict[str, WeightSource]]
     ignored: tuple[str, ...] = ()
     genai_type: str = ""
+    gguf: GGUFSpec | None = None

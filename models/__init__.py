@@ -5,14 +5,15 @@ Adding a family whose features already exist as ops is one file plus one line he
 
 from collections.abc import Mapping
 
-from graphattn.models import gpt2, llama
-from graphattn.spec import Architecture
+from graphattn.models import gpt2, llama, qwen3
+from graphattn.spec import Architecture, GGUFSpec
 
 REGISTRY: dict[str, Architecture] = {
     "gpt2": gpt2.ARCHITECTURE,
     "llama": llama.ARCHITECTURE,
     "mistral": llama.ARCHITECTURE,  # Llama graph plus sliding_window
     "qwen2": llama.ARCHITECTURE,  # Llama graph plus q/k/v biases
+    "qwen3": qwen3.ARCHITECTURE,
 }
 
 
@@ -31,3 +32,12 @@ def architecture_for(config: Mapping[str, object]) -> Architecture:
             f" (supported: {', '.join(architecture.hf_architectures)})"
         )
     return architecture
+
+
+def gguf_spec_for(arch: object) -> GGUFSpec:
+    """The GGUF reading of the family whose ``general.architecture`` is ``arch``."""
+    specs = {a.gguf.arch: a.gguf for a in REGISTRY.values() if a.gguf is not None}
+    if arch not in specs:
+        known = ", ".join(sorted(specs))
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (known: {known})")
+    return specs[str(arch)]

@@ -1,6 +1,21 @@
-"""Helpers shared by architecture files: reading HF config keys with clear errors."""
+"""Helpers shared by architecture files: reading HF config keys with clear errors, RoPE and
+layer types as transformers writes them, and the weight-plan vocabulary."""
 
-from collections.abc import Mapping
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from graphattn.spec import (
+    NormSpec,
+    RopeSpec,
+    Transform,
+    WeightSource,
+    compose,
+    transpose,
+)
+
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 def require(config: Mapping[str, object], *keys: str) -> object:
@@ -15,3 +30,200 @@ def optional(config: Mapping[str, object], key: str, default: object) -> object:
     """``config[key]`` when present and not null, else ``default``."""
     value = config.get(key)
     return default if value is None else value
+
+
+def integer(config: Mapping[str, object], *keys: str, default: object = None) -> int:
+    """An int config value (the first key present), ValueError naming the key otherwise."""
+    present = [k for k in keys if config.get(k) is not None]
+    if not present:
+        if default is None:
+            return int(require(config, *keys))  # raises, naming the keys
+        return int(default)
+    value = config[present[0]]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"config.json {present[0]!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def number(config: Mapping[str, object], key: str, default: float | None) -> float | None:
+    """A finite float config value, ``default`` when absent; ValueError naming the key."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config.json {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def refuse(config: Mapping[str, object], unsupported: Mapping[str, object]) -> None:
+    """ValueError naming the first key whose value changes the math in a way we do not
+    implement: ``unsupported`` maps a key to its only accepted value (or a predicate)."""
+    for key, accepted in unsupported.items():
+        if key not in config:
+            continue
+        value = config[key]
+        ok = accepted(value) if callable(accepted) else value == accepted or value is None
+        if not ok:
+            raise ValueError(f"config.json {key}={value!r} is not supported")
+
+
+def activation(config: Mapping[str, object], key: str, default: str, known: Mapping[str, str]):
+    """Our activation name for HF's ``config[key]``; ValueError naming unknown ones."""
+    value = str(optional(config, key, default))
+    if value not in known:
+        raise ValueError(
+            f"config.json {key}={value!r} is not supported (known: {', '.join(sorted(known))})"
+        )
+    return known[value]
+
+
+# HF activation names (ACT2FN) → ours.
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "relu2": "relu2",
+}
+
+
+def head_dim_of(config: Mapping[str, object], hidden: int, heads: int) -> int:
+    """``head_dim`` from the config, else hidden / heads (which must divide)."""
+    if config.get("head_dim") is not None:
+        return integer(config, "head_dim")
+    if hidden % heads:
+        raise ValueError(f"config hidden_size={hidden} is not a multiple of heads={heads}")
+    return hidden // heads
+
+
+def layer_types(config: Mapping[str, object], count: int, default: str = FULL) -> list[str]:
+    """Per-layer attention types (``full_attention`` / ``sliding_attention``) from HF's
+    ``layer_types``, else every layer ``default``."""
+    types = config.get("layer_types")
+    if types is None:
+        return [default] * count
+    if not isinstance(types, list) or len(types) != count:
+        raise ValueError(f"config.json layer_types must list {count} layer types, got {types!r}")
+    unknown = sorted({t for t in types if t not in (FULL, SLIDING)})
+    if unknown:
+        raise ValueError(f"config.json layer_types {unknown} are not supported")
+    return list(types)
+
+
+def rope_parameters(config: Mapping[str, object], layer_type: str | None = None) -> dict:
+    """One RoPE parameter dict as transformers 5 writes it (``rope_parameters``, possibly per
+    layer type) or as older files do (``rope_theta`` + ``rope_scaling``); ``rope_type`` set."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    if isinstance(params, Mapping) and any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"config.json rope_parameters has no entry for {layer_type!r}")
+    merged: dict = {}
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, Mapping):
+        merged.update(scaling)
+    if isinstance(params, Mapping):
+        merged.update(params)
+    merged.setdefault("rope_theta", optional(config, "rope_theta", 10000.0))
+    kind = merged.get("rope_type", merged.get("type")) or "default"
+    merged["rope_type"] = kind
+    merged.pop("type", None)
+    return merged
+
+
+def rope_spec(
+    config: Mapping[str, object],
+    head_dim: int,
+    *,
+    layer_type: str | None = None,
+    interleaved: bool = False,
+    partial: float | None = None,
+    rotary_dim: int | None = None,
+) -> RopeSpec:
+    """The RoPE of a layer: ``rotary_dim`` from ``partial_rotary_factor`` (or given), base
+    and scaling from :func:`rope_parameters`."""
+    params = rope_parameters(config, layer_type)
+    if rotary_dim is None:
+        if partial is None:
+            partial = float(
+                params.get("partial_rotary_factor", optional(config, "partial_rotary_factor", 1.0))
+            )
+        rotary_dim = int(head_dim * partial) // 2 * 2
+    theta = float(params.pop("rope_theta"))
+    params.pop("partial_rotary_factor", None)
+    scaling = None if params["rope_type"] == "default" and len(params) == 1 else params
+    original = config.get("original_max_position_embeddings")
+    return RopeSpec(
+        rotary_dim=rotary_dim,
+        theta=theta,
+        scaling=scaling,
+        interleaved=interleaved,
+        original_context=None if original is None else int(original),
+        context=integer(config, "max_position_embeddings", default=2048),
+    )
+
+
+def norm_spec(config: Mapping[str, object], kind: str, *keys: str, default: float = 1e-6):
+    """A :class:`NormSpec` with epsilon from the first of ``keys`` present."""
+    for key in keys:
+        value = number(config, key, None)
+        if value is not None:
+            return NormSpec(kind, value)
+    return NormSpec(kind, default)
+
+
+# ------------------------------------------------------------------------ weight plans
+def plain(name: str, shape: tuple[int, ...], fix: Transform | None = None, **kw) -> WeightSource:
+    """A tensor read as it is (plus an optional fix-up that keeps its shape)."""
+    return WeightSource(name, name, shape, fix, **kw)
+
+
+def linear(
+    name: str, out_features: int, in_features: int, fix: Transform | None = None, **kw
+) -> WeightSource:
+    """A torch Linear weight ``[out, in]`` → ``[in, out]`` (after ``fix`` on the torch rows)."""
+    return WeightSource(
+        name,
+        name,
+        (out_features, in_features),
+        compose(fix, transpose),
+        (in_features, out_features),
+        **kw,
+    )
+
+
+def sliced_linear(
+    name: str, rows: tuple[int, int], total: int, in_features: int, take: Transform, part: str
+) -> WeightSource:
+    """Rows ``rows`` of a fused torch Linear ``[total, in]`` (by ``take``), as ``[in, out]``."""
+    width = rows[1] - rows[0]
+    return WeightSource(
+        f"{name}.{part}", name, (total, in_features), compose(take, transpose), (in_features, width)
+    )
+
+
+def sliced_bias(name: str, total: int, width: int, take: Transform, part: str) -> WeightSource:
+    """The matching slice of a fused bias ``[total]``."""
+    return WeightSource(f"{name}.{part}", name, (total,), take, (width,))
+
+
+def tied_head(plan: dict, tied: bool, name: str, shape: tuple[int, int]) -> None:
+    """``lm_head.weight``: the embedding table when tied, else its own tensor ``name``."""
+    plan["lm_head.weight"] = plan["embed_tokens"] if tied else plain(name, shape)
+
+
+def optional_roles(plan: dict, roles: Iterable[tuple[str, WeightSource]]) -> None:
+    """Add roles that exist only when the checkpoint has them (biases the config does not
+    announce): ``plan_weights`` drops those absent from the checkpoint."""
+    for role, source in roles:
+        plan[role] = WeightSource(
+            source.name,
+            source.source,
+            source.shape,
+            source.transform,
+            source.out_shape,
+            optional=True,
+        )

@@ -6,35 +6,48 @@ fix-up: it is split into q/k/v column blocks at export time.
 
 from collections.abc import Mapping
 
-from graphattn.models.common import optional, require
-from graphattn.spec import Architecture, ModelConfig, WeightSource, column_block
+from graphattn.models.common import ACTIVATIONS, activation, integer, number, optional, plain
+from graphattn.spec import (
+    Architecture,
+    AttentionSpec,
+    LayerSpec,
+    MlpSpec,
+    ModelConfig,
+    NormSpec,
+    WeightSource,
+    column_block,
+)
 
 
 def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
     """Map GPT-2's ``config.json`` (n_embd, n_layer, n_head, n_positions, ...) to ModelConfig."""
-    hidden = int(require(config, "n_embd", "hidden_size"))
-    heads = int(require(config, "n_head", "num_attention_heads"))
+    hidden = integer(config, "n_embd", "hidden_size")
+    heads = integer(config, "n_head", "num_attention_heads")
     if hidden % heads:
         raise ValueError(f"config n_embd={hidden} is not a multiple of n_head={heads}")
-    activation = optional(config, "activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config activation_function {activation!r} is not supported")
+    act = activation(config, "activation_function", "gelu_new", ACTIVATIONS)
+    if act != "gelu_tanh":
+        raise ValueError(
+            f"config activation_function {config['activation_function']!r} is not supported"
+        )
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if config.get(key):
+            raise ValueError(f"config.json {key}=true is not supported")
+    scale = None if optional(config, "scale_attn_weights", True) else 1.0
+    norm = NormSpec("layer", number(config, "layer_norm_epsilon", 1e-5))
+    layer = LayerSpec(
+        attention=AttentionSpec(heads, heads, hidden // heads, scale=scale),
+        mlp=MlpSpec("plain", act, integer(config, "n_inner", default=4 * hidden)),
+        norms={"attn_norm": norm, "mlp_norm": norm},
+    )
     return ModelConfig(
         model_type="gpt2",
-        vocab_size=int(require(config, "vocab_size")),
+        vocab_size=integer(config, "vocab_size"),
         hidden_size=hidden,
-        num_layers=int(require(config, "n_layer", "num_hidden_layers")),
-        num_heads=heads,
-        kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=int(optional(config, "n_inner", 4 * hidden)),
-        context_length=int(require(config, "n_positions", "max_position_embeddings")),
+        context_length=integer(config, "n_positions", "max_position_embeddings"),
+        layers=(layer,) * integer(config, "n_layer", "num_hidden_layers"),
+        final_norm=norm,
         positions="learned",
-        norm="layer",
-        norm_epsilon=float(optional(config, "layer_norm_epsilon", 1e-5)),
-        mlp="gelu",
-        qkv_bias=True,
-        out_bias=True,
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
         bos_token_id=optional(config, "bos_token_id", None),
         eos_token_id=optional(config, "eos_token_id", None),
@@ -46,19 +59,13 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
     """Builder roles → checkpoint tensors (names as GPT2LMHeadModel.save_pretrained writes them)."""
     c, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     plan = {
-        "embed_tokens": WeightSource("transformer.wte.weight", "transformer.wte.weight", (v, c)),
-        "embed_positions": WeightSource(
-            "transformer.wpe.weight", "transformer.wpe.weight", (cfg.context_length, c)
-        ),
-        "final_norm.weight": WeightSource(
-            "transformer.ln_f.weight", "transformer.ln_f.weight", (c,)
-        ),
-        "final_norm.bias": WeightSource("transformer.ln_f.bias", "transformer.ln_f.bias", (c,)),
+        "embed_tokens": plain("transformer.wte.weight", (v, c)),
+        "embed_positions": plain("transformer.wpe.weight", (cfg.context_length, c)),
+        "final_norm.weight": plain("transformer.ln_f.weight", (c,)),
+        "final_norm.bias": plain("transformer.ln_f.bias", (c,)),
     }
     plan["lm_head.weight"] = (
-        plan["embed_tokens"]
-        if cfg.tie_word_embeddings
-        else WeightSource("lm_head.weight", "lm_head.weight", (v, c))
+        plan["embed_tokens"] if cfg.tie_word_embeddings else plain("lm_head.weight", (v, c))
     )
     for i in range(cfg.num_layers):
         p = f"transformer.h.{i}"
@@ -74,7 +81,7 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
             ("mlp.proj_weight", "mlp.c_proj.weight", (f, c)),
             ("mlp.proj_bias", "mlp.c_proj.bias", (c,)),
         ):
-            plan[f"layers.{i}.{role}"] = WeightSource(f"{p}.{name}", f"{p}.{name}", shape)
+            plan[f"layers.{i}.{role}"] = plain(f"{p}.{name}", shape)
         for index, part in enumerate("qkv"):
             plan[f"layers.{i}.{part}.weight"] = WeightSource(
                 f"{p}.attn.c_attn.weight.{part}",

@@ -32,9 +32,14 @@ class GraphEmitter:
         self._value_names.add(name)
         return name
 
-    def input(self, name: str, dtype: ir.DataType, shape: Sequence[Dim]) -> ir.Value:
-        """Declare a graph input with a (possibly symbolic) shape."""
-        value = ir.Value(name=self._claim(name), type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    def input(self, name: str, dtype: ir.DataType | None, shape: Sequence[Dim] | None) -> ir.Value:
+        """Declare a graph input with a (possibly symbolic) shape; ``dtype=None`` and
+        ``shape=None`` leave them unknown (function parameters)."""
+        value = ir.Value(
+            name=self._claim(name),
+            type=None if dtype is None else ir.TensorType(dtype),
+            shape=None if shape is None else ir.Shape(shape),
+        )
         self.graph.inputs.append(value)
         return value
 
@@ -106,6 +111,40 @@ class GraphEmitter:
         """Call a graphattn function, adding its definition to the model."""
         self._register(function)
         return self.op(function.name, inputs, attributes, name=name, outputs=outputs, domain=DOMAIN)
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A ``Constant`` node holding ``array`` (function bodies cannot hold initializers)."""
+        return self.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
+
+    def define(self, function: ir.Function, callees: Sequence[ir.Function] = ()) -> None:
+        """Add a function built with onnx_ir (and the functions its body calls) to the model;
+        a function defined twice under one name must have the same body."""
+        for callee in callees:
+            self._functions.setdefault(callee.name, callee)
+        self._functions.setdefault(function.name, function)
+
+    def call_defined(
+        self,
+        function_name: str,
+        inputs: Sequence[ir.Value | None],
+        attributes: Mapping[str, AttributeValue] | None = None,
+        *,
+        name: str,
+        outputs: Sequence[str] = ("output",),
+    ) -> ir.Value | tuple[ir.Value, ...]:
+        """Call a function added with :meth:`define`."""
+        if function_name not in self._functions:
+            raise KeyError(f"graphattn function {function_name!r} is not defined in this graph")
+        return self.op(function_name, inputs, attributes, name=name, outputs=outputs, domain=DOMAIN)
+
+    def function_body(self, name: str, attributes: Sequence[ir.Attr]) -> ir.Function:
+        """This emitter's graph as a function ``graphattn.<name>`` with ``attributes``
+        (declared, given by every call); its callees stay in :attr:`functions`."""
+        if self.graph.initializers:
+            raise ValueError(f"function {name!r}: a function body cannot hold initializers")
+        function = ir.Function(DOMAIN, name, graph=self.graph, attributes=list(attributes))
+        function.opset_imports.update(OPSET_IMPORTS)
+        return function
 
     def _register(self, function: OnnxFunction) -> None:
         if function.name in self._functions:

@@ -152,3 +152,42 @@ def apply_rotary(
     require_rank(x_BHSD, 4, "x")
     function = RotaryInterleaved if interleaved else RotaryHalves
     return g.call(function, [x_BHSD, cos_BSR, sin_BSR], name=name)
+
+
+@graphattn_function
+def RotaryCosSinScaled(position_ids_BS, inv_freq_R, factor):
+    """cos, sin [B, S, R] float32 of ``position_ids * inv_freq``, both times scalar ``factor``
+    (YaRN's and LongRoPE's attention factor)."""
+    cos_BSR, sin_BSR = RotaryCosSin(position_ids_BS, inv_freq_R)
+    return op.Mul(cos_BSR, factor), op.Mul(sin_BSR, factor)
+
+
+@graphattn_function
+def RotaryCosSinSwitched(position_ids_BS, short_inv_freq_R, long_inv_freq_R, switch_length, factor):
+    """LongRoPE: cos, sin [B, S, R] with the long frequencies when the call reaches past the
+    original context (``max(position_ids) + 1 > switch_length``), else the short ones; times
+    ``factor``."""
+    length = op.Add(op.ReduceMax(position_ids_BS, keepdims=0), op.Constant(value_int=1))
+    use_long = op.Greater(length, switch_length)
+    inv_freq_R = op.Where(use_long, long_inv_freq_R, short_inv_freq_R)
+    return RotaryCosSinScaled(position_ids_BS, inv_freq_R, factor)
+
+
+@graphattn_function
+def RotaryCosSinDynamic(position_ids_BS, inv_freq_R, exponents_R, base, factor, original_length):
+    """Dynamic NTK: for a call of length ``L = max(position_ids) + 1`` beyond
+    ``original_length``, frequencies ``base'^(-exponents)`` with
+    ``base' = base * (factor L / original - (factor - 1)) ^ (d / (d - 2))`` (``exponents_R =
+    2i / d``, d = 2R); else ``inv_freq``. Returns cos, sin [B, S, R] float32."""
+    length = op.Add(op.ReduceMax(position_ids_BS, keepdims=0), op.Constant(value_int=1))
+    length_f = op.Cast(length, to=1)
+    original_f = op.Cast(original_length, to=1)
+    two_r = op.Cast(op.Mul(op.Shape(exponents_R), op.Constant(value_int=2)), to=1)
+    power = op.Div(two_r, op.Sub(two_r, op.Constant(value_float=2.0)))
+    stretch = op.Sub(
+        op.Div(op.Mul(factor, length_f), original_f), op.Sub(factor, op.Constant(value_float=1.0))
+    )
+    new_base = op.Mul(base, op.Pow(stretch, op.Squeeze(power)))
+    dynamic_R = op.Reciprocal(op.Pow(new_base, exponents_R))
+    inv_R = op.Where(op.Greater(length, original_length), dynamic_R, inv_freq_R)
+    return RotaryCosSin(position_ids_BS, inv_R)

@@ -247,7 +247,9 @@ def build_with_interleaved_rope(hf_dir, out_dir, target):
 
     source = open_source(hf_dir)
     architecture = architecture_for(source.config)
-    cfg = dataclasses.replace(architecture.config_from_hf(source.config), rope_interleaved=True)
+    cfg = architecture.config_from_hf(source.config)
+    rope = dataclasses.replace(cfg.layers[0].attention.rope, interleaved=True)
+    cfg = cfg.replace_attention(rope=rope)
     model = build_decoder(
         cfg, lazy_tensors(source, plan_weights(source, architecture, cfg), "fp32")
     )

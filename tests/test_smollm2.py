@@ -40,12 +40,13 @@ def reference_weights(smollm2):
     """HF-layout float32 weights via the gguf package's own dequantizer (not ours)."""
     path, _ = smollm2
     reader = gguf.GGUFReader(str(path))
-    config = GGUFCheckpoint(path).config
+    checkpoint = GGUFCheckpoint(path)
+    config = checkpoint.config
     weights = {}
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        name = hf_name(tensor.name)
+        name = hf_name(checkpoint.spec, tensor.name)
         heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
         for part, count in heads.items():
             if part in name:

@@ -197,7 +197,7 @@ def chunked_export(source: Path, out: Path, chunk_bytes: int) -> list[str]:
     export(source, out)
     config = json.loads((source / "config.json").read_text())
     cfg = architecture_for(config).config_from_hf(config)
-    arrange(out, cfg, "fp32", chunk_bytes=chunk_bytes)
+    arrange(out, config, cfg, "fp32", chunk_bytes=chunk_bytes)
     return sorted(p.name for p in (out / "onnx").iterdir() if "_data" in p.name)
 
 

@@ -1,9 +1,11 @@
 """Lower decoder attention blocks to ``com.microsoft.GroupQueryAttention`` (target ``ort``).
 
-    SplitHeads → RotaryHalves → Concat(past) → ScaledDotProductAttention → MergeHeads
-becomes one
+    graphattn.SelfAttention*(x, weights, cos, sin, bias, past_key, past_value)
+becomes
+    projections (+ clip, QK-norm) →
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
                         cos_cache, sin_cache, attention_bias=padding_bias[, query_seqlens])
+    → o_proj
 
 with RoPE done inside the kernel (``do_rotary``) from ``[context, R]`` cos/sin tables computed
 here in NumPy, and, after MatMul packing, the packed q/k/v projection fed to it directly
@@ -14,8 +16,9 @@ left-padded row that is the model's position plus the row's pad count: every que
 the row is shifted by the same amount, and RoPE scores depend only on position differences,
 so the attention is the same (to float rounding) as with ``position_ids``. Causality and a
 sliding window (``local_window_size``) are the kernel's own; ``attention_bias`` only drops pad
-keys. Blocks whose bias is not a causal ``AttentionBias`` call keep opset-23 Attention (the
-kernel is always causal).
+keys. A block the kernel cannot express (not causal, a mask other than the decoder's causal
+``AttentionBias``, head_dim not a multiple of 16, RoPE whose frequencies change per call)
+keeps opset-23 Attention, and the rule says why (``inspect --explain``).
 
 Lengths, computed once per graph from the input shapes (left padding: every row's cache has
 the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
@@ -35,44 +38,59 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphattn.compiler.attention3d import AttentionBlock, match_block
-from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute, cast_like
+from graphattn.compiler.blocks import (
+    Block,
+    Context,
+    Emitter,
+    Rule,
+    output_projection,
+    projections,
+    replace_block,
+)
+from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute
 from graphattn.ops.domain import DOMAIN, MASKED_BIAS
 
 DEFAULT_CONTEXT = 4096
 QUERY_SEQLENS_INPUT = 16  # GroupQueryAttention's input index of query_seqlens (1.32+)
 
 
-def _inverse_frequencies(rotary: ir.Node) -> ir.Value | None:
-    """The constant ``inv_freq [R]`` behind a rotary call's cos/sin, or None."""
-    cos = rotary.inputs[1]
+_STATIC_ROTARY = ("RotaryCosSin", "RotaryCosSinScaled")
+
+
+def _static_frequencies(block: Block) -> tuple[ir.Value, float] | str:
+    """``(inv_freq [R] constant, attention factor)`` behind the block's cos/sin, or the reason
+    the kernel's fixed cos/sin cache cannot hold them."""
+    cos = block.inputs.get("cos")
     producer = cos.producer() if cos is not None else None
-    if producer is None or producer.op_type != "RotaryCosSin":
-        return None
+    if producer is None or producer.domain != DOMAIN:
+        return "cos/sin are not computed from constant frequencies"
+    if producer.op_type in ("RotaryCosSinSwitched", "RotaryCosSinDynamic"):
+        kind = "longrope" if producer.op_type.endswith("Switched") else "dynamic"
+        return f"{kind} RoPE changes its frequencies per call; the kernel's cos/sin cache is fixed"
+    if producer.op_type not in _STATIC_ROTARY:
+        return f"cos/sin come from {producer.op_type}, not from constant frequencies"
     inv_freq = producer.inputs[1]
-    return inv_freq if inv_freq.const_value is not None else None
+    if inv_freq.const_value is None:
+        return "the RoPE frequencies are not constant"
+    factor = 1.0
+    if producer.op_type == "RotaryCosSinScaled":
+        scalar = producer.inputs[2]
+        if scalar.const_value is None:
+            return "the RoPE attention factor is not constant"
+        factor = float(scalar.const_value.numpy())
+    return inv_freq, factor
 
 
-def _head_dim(block: AttentionBlock) -> int | None:
-    """D from the past key's shape ``[B, Hkv, P, D]`` (a graph input), or None if unknown."""
-    shape = block.pasts[0].shape
-    return shape[-1] if shape is not None and isinstance(shape[-1], int) else None
-
-
-def _rotary_tables(graph: ir.Graph, block: AttentionBlock, context: int, np_dtype):
-    """(cos_cache, sin_cache) ``[context, R]`` initializers shared by every layer, or None
-    when the block's RoPE cannot be read (then it is not lowered)."""
-    source = _inverse_frequencies(block.q_rotary)
-    if source is None or _inverse_frequencies(block.k_rotary) is not source:
-        return None
-    inv_freq = source.const_value.numpy().astype(np.float64)
-    if len(inv_freq) % 8:
-        return None  # the kernel needs a cos/sin width that is a multiple of 8
-    names = [f"{source.name}.{kind}_cache" for kind in ("cos", "sin")]
+def _rotary_tables(ctx: Context, inv_freq: ir.Value, factor: float):
+    """(cos_cache, sin_cache) ``[context, R]`` initializers shared by every layer with the
+    same frequencies."""
+    np_dtype = np.float32 if ctx.float32 else np.float16
+    names = [f"{inv_freq.name}.{kind}_cache" for kind in ("cos", "sin")]
+    graph = ctx.graph
     if names[0] not in graph.initializers:
-        angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]
+        angles = np.arange(ctx.context, dtype=np.float64)[:, None] * inv_freq.const_value.numpy()
         for name, table in zip(names, (np.cos(angles), np.sin(angles))):
-            add_initializer(graph, ir.tensor(table.astype(np_dtype), name=name))
+            add_initializer(graph, ir.tensor((table * factor).astype(np_dtype), name=name))
     return graph.initializers[names[0]], graph.initializers[names[1]]
 
 
@@ -148,7 +166,7 @@ def _graph_inputs(graph: ir.Graph, anchor: ir.Node, query_seqlens: bool) -> _Gra
 
 def _causal_window(bias: ir.Value) -> int | None:
     """The window (0 = none) of the causal ``AttentionBias`` call behind ``bias``, or None when
-    the bias is anything else: the kernel is always causal, so only such blocks are lowered."""
+    the bias is anything else: the kernel is always causal and rebuilds the padding mask."""
     node = bias.producer()
     if node is None or node.domain != DOMAIN or node.op_type != "AttentionBias":
         return None
@@ -157,68 +175,62 @@ def _causal_window(bias: ir.Value) -> int | None:
     return int(attribute(node, "window", 0))
 
 
-def fuse_grouped_query_blocks(
-    graph: ir.Graph, context: int, float_dtype: ir.DataType, query_seqlens: bool = False
-) -> int:
-    """Rewrite every matching block (with RoPE on both q and k, or on neither); returns how
-    many. ``context`` sizes the cos/sin tables (positions the kernel may rotate);
-    ``query_seqlens`` feeds that input (onnxruntime 1.32+; at most 16 inputs before)."""
-    np_dtype = np.float16 if float_dtype == ir.DataType.FLOAT16 else np.float32
-    if not {"attention_mask", "input_ids"} <= {v.name for v in graph.inputs}:
-        return 0  # the kernel's lengths come from these decoder inputs
-    shared = None
-    count = 0
-    for node in list(graph):
-        block = match_block(node)
-        if block is None or (block.q_rotary is None) != (block.k_rotary is None):
-            continue
-        head_dim = _head_dim(block)
-        if head_dim is None or head_dim % 16:
-            continue  # the kernel needs head_size % 16 == 0
-        window = _causal_window(block.bias)
-        if window is None:
-            continue
-        tables = (None, None)
-        if block.q_rotary is not None:
-            if block.q_rotary.op_type != block.k_rotary.op_type:
-                continue
-            tables = _rotary_tables(graph, block, context, np_dtype)
-            if tables is None:
-                continue
-        if shared is None:
-            shared = _graph_inputs(graph, next(iter(graph)), query_seqlens)
-        scope = node.name
-        query_BSC, key_BSC, value_BSC = block.projections_BSC
-        # causality (and a window) by the kernel itself; the bias only drops pad keys
-        bias = shared.padding_bias
-        if np_dtype is not np.float32:
-            bias = cast_like(graph, node, bias, query_BSC, f"{scope}/bias")
-        attrs = {
-            "num_heads": block.heads,
-            "kv_num_heads": block.kv_heads,
-            "scale": float(attribute(node, "scale")),
-            "do_rotary": int(block.q_rotary is not None),
-            "rotary_interleaved": int(
-                block.q_rotary is not None and block.q_rotary.op_type == "RotaryInterleaved"
-            ),
-        }
-        if window:
-            attrs["local_window_size"] = window
-        if node.op_type.endswith("Softcap"):
-            attrs["softcap"] = float(attribute(node, "softcap"))
-        inputs = [query_BSC, key_BSC, value_BSC, *block.pasts]
-        inputs += [shared.seqlens_k, shared.total_sequence_length, *tables, None, bias]
-        if shared.query_seqlens is not None:
-            inputs += [None] * (QUERY_SEQLENS_INPUT - len(inputs)) + [shared.query_seqlens]
-        gqa = ir.node(
-            "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3, name=scope
-        )
-        graph.insert_before(node, gqa)
-        block.replace(graph, *gqa.outputs)
-        count += 1
-    if count:
-        graph.opset_imports[MS_DOMAIN] = 1
-    return count
+def _why_not(block: Block, ctx: Context) -> str | None:
+    a = block.attrs
+    if not {"attention_mask", "input_ids"} <= {v.name for v in ctx.graph.inputs}:
+        return "the graph has no attention_mask/input_ids to derive the kernel's lengths from"
+    if not a.causal:
+        return "the kernel is always causal; this block is not"
+    if a.head_dim % 16:
+        return f"head_dim {a.head_dim} is not a multiple of 16"
+    if _causal_window(block.inputs["bias"]) != a.window:
+        return "the mask is not the decoder's causal attention_mask bias with this window"
+    if a.rope != "none":
+        frequencies = _static_frequencies(block)
+        if isinstance(frequencies, str):
+            return frequencies
+        if (a.rotary_dim // 2) % 8:
+            return (
+                f"the kernel needs a cos/sin width that is a multiple of 8, got {a.rotary_dim // 2}"
+            )
+    return None
+
+
+def _apply(block: Block, ctx: Context) -> None:
+    e, a = Emitter(ctx, block), block.attrs
+    if "gqa" not in ctx.shared:
+        ctx.shared["gqa"] = _graph_inputs(ctx.graph, next(iter(ctx.graph)), ctx.query_seqlens)
+    shared = ctx.shared["gqa"]
+    q, k, v = projections(e, block)
+    tables = (None, None)
+    if a.rope != "none":
+        inv_freq, factor = _static_frequencies(block)
+        tables = _rotary_tables(ctx, inv_freq, factor)
+    # causality (and a window) by the kernel itself; the bias only drops pad keys
+    bias = e.like_activations(shared.padding_bias, q, "bias")
+    attrs = {
+        "num_heads": a.num_heads,
+        "kv_num_heads": a.kv_heads,
+        "scale": a.scale,
+        "do_rotary": int(a.rope != "none"),
+        "rotary_interleaved": int(a.rope == "interleaved"),
+    }
+    if a.window:
+        attrs["local_window_size"] = a.window
+    if a.softcap:
+        attrs["softcap"] = a.softcap
+    inputs = [q, k, v, block.inputs["past_key"], block.inputs["past_value"]]
+    inputs += [shared.seqlens_k, shared.total_sequence_length, *tables, None, bias]
+    if shared.query_seqlens is not None:
+        inputs += [None] * (QUERY_SEQLENS_INPUT - len(inputs)) + [shared.query_seqlens]
+    output, key, value = e.op(
+        "GroupQueryAttention", inputs, attrs, label="gqa", outputs=3, domain=MS_DOMAIN
+    )
+    ctx.graph.opset_imports[MS_DOMAIN] = 1
+    replace_block(ctx, block, output_projection(e, block, output), key, value)
+
+
+GROUPED_QUERY_RULE = Rule("GroupQueryAttention", _why_not, _apply)
 
 
 def feed_packed_qkv(graph: ir.Graph) -> int:

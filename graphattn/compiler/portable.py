@@ -1,4 +1,8 @@
-"""Lower graphattn functions to standard ONNX (opset 23) where a standard op exists:
+"""Lower graphattn functions to standard ONNX (opset 23) where a standard op exists.
+
+Attention blocks first, each by reading its one call (:mod:`graphattn.compiler.blocks`:
+GroupQueryAttention on ``ort`` where the kernel fits, else opset-23 Attention); a block no
+rule takes is inlined and its small functions lowered one by one:
 
 - ``ScaledDotProductAttention[Softcap]`` → ``Attention`` (the bias as ``attn_mask``, explicit
   ``scale``, ``softcap``); GQA/MQA head counts come from the 4-D shapes;
@@ -18,8 +22,9 @@ from collections.abc import Iterator
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from graphattn.compiler.attention3d import fuse_attention_blocks
-from graphattn.compiler.grouped_query import fuse_grouped_query_blocks
+from graphattn.compiler.attention3d import ATTENTION_RULE
+from graphattn.compiler.blocks import Context, lower_blocks, record
+from graphattn.compiler.grouped_query import GROUPED_QUERY_RULE
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
 
@@ -42,21 +47,10 @@ def _float_dtype(graph: ir.Graph) -> ir.DataType:
     return ir.DataType.FLOAT
 
 
-def lower_to_standard(
-    graph: ir.Graph, grouped_query_context: int | None = None, query_seqlens: bool = False
-) -> int:
-    """Replace graphattn calls that have a standard equivalent; returns how many.
-
-    ``grouped_query_context``: first lower the attention blocks that fit to
-    ``com.microsoft.GroupQueryAttention`` with cos/sin tables of that many positions (with its
-    ``query_seqlens`` input where ``query_seqlens``: onnxruntime 1.32+)."""
+def lower_to_standard(graph: ir.Graph) -> int:
+    """Replace top-level graphattn calls that have a standard equivalent; returns how many."""
     float32 = _float_dtype(graph) == ir.DataType.FLOAT
     count = 0
-    if grouped_query_context is not None:
-        count += fuse_grouped_query_blocks(
-            graph, grouped_query_context, _float_dtype(graph), query_seqlens
-        )
-    count += fuse_attention_blocks(graph, _rotary_dim, float32)
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
@@ -122,11 +116,33 @@ def inline_functions(model: ir.Model) -> None:
     model.graph.opset_imports.pop(DOMAIN, None)
 
 
+def lower_attention_blocks(
+    model: ir.Model, grouped_query_context: int | None = None, query_seqlens: bool = False
+) -> list[dict]:
+    """Lower every attention block call (GroupQueryAttention first when
+    ``grouped_query_context`` gives the rotary tables' length, with ``query_seqlens`` for
+    onnxruntime 1.32+; then Attention); inline those no rule took. Returns the decisions."""
+    graph = model.graph
+    ctx = Context(graph, _float_dtype(graph), grouped_query_context or 0, query_seqlens)
+    rules = [ATTENTION_RULE]
+    if grouped_query_context is not None:
+        rules.insert(0, GROUPED_QUERY_RULE)
+    decisions = lower_blocks(ctx, rules)
+    if any(d["kernel"] == "decomposed" for d in decisions):
+        with _scoped_inline_names():
+            common.InlinePass(
+                criteria=lambda f: f.domain == DOMAIN and f.name.startswith("SelfAttention")
+            )(model)
+    record(model, decisions)
+    return decisions
+
+
 def lower_portable(
     model: ir.Model, grouped_query_context: int | None = None, query_seqlens: bool = False
 ) -> ir.Model:
     """The model with standard ops only (in place; also returned); with
     ``grouped_query_context``, attention goes to GroupQueryAttention where it fits."""
-    lower_to_standard(model.graph, grouped_query_context, query_seqlens)
+    lower_attention_blocks(model, grouped_query_context, query_seqlens)
+    lower_to_standard(model.graph)
     inline_functions(model)
     return model

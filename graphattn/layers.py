@@ -1,0 +1,226 @@
+"""The pieces a decoder layer is made of: norms, attention, MLP, and the residual form.
+
+Each piece reads its :mod:`graphattn.spec` value and the weight roles that exist: a norm scale,
+a bias or a post-norm appears because its role is in the plan, never because of a flag.
+Weight roles (per layer ``layers.{i}.``): ``attn_norm``, ``post_attn_norm``, ``mlp_norm``,
+``post_mlp_norm`` (``.weight`` / ``.bias``); ``q``, ``k``, ``v``, ``o`` (``.weight [in, out]``,
+``.bias``); ``q_norm``, ``k_norm`` (``.weight``, ``.bias``); ``mlp.gate_weight``,
+``mlp.up_weight``, ``mlp.down_weight`` (gated) or ``mlp.fc_weight``, ``mlp.proj_weight``
+(plain), each with an optional ``..._bias``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphattn import ops
+from graphattn.ops import GraphEmitter
+from graphattn.ops.attention import Softcap
+from graphattn.ops.attention_block import self_attention_block
+from graphattn.spec import AttentionSpec, LayerSpec, MlpSpec, NormSpec
+
+
+class Weights:
+    """Graph initializers by builder role; a tensor shared by two roles becomes one initializer."""
+
+    def __init__(self, g: GraphEmitter, tensors: Mapping[str, ir.TensorProtocol]) -> None:
+        self._g, self._tensors, self._values = g, tensors, {}
+
+    def __contains__(self, role: str) -> bool:
+        return role in self._tensors
+
+    def __getitem__(self, role: str) -> ir.Value:
+        if role not in self._tensors:
+            raise KeyError(
+                f"the builder needs weight role {role!r}, which the plan does not provide"
+            )
+        tensor = self._tensors[role]
+        if tensor.name not in self._values:
+            self._values[tensor.name] = self._g.initializer(tensor.name, tensor)
+        return self._values[tensor.name]
+
+    def get(self, role: str) -> ir.Value | None:
+        return self[role] if role in self else None
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """A shared graph constant (made once per name)."""
+        if name not in self._values:
+            self._values[name] = self._g.initializer(name, array)
+        return self._values[name]
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What every layer reads besides its weights: the attention bias per (causal, window),
+    the cos/sin per RoPE key, and this layer's past key/value ``[B, Hkv, P, D]``."""
+
+    bias: ir.Value
+    cos_sin: tuple[ir.Value, ir.Value] | None
+    past_key: ir.Value
+    past_value: ir.Value
+
+
+def scaled(g: GraphEmitter, w: Weights, x: ir.Value, factor: float | None, name: str):
+    """``x * factor`` (a constant cast to x's type), or x itself when factor is None."""
+    if factor is None:
+        return x
+    constant = w.constant(f"{name}.factor", np.array(factor, dtype=np.float32))
+    return g.op("Mul", [x, g.op("CastLike", [constant, x], name=f"{name}/cast")], name=name)
+
+
+def norm(g: GraphEmitter, spec: NormSpec, x: ir.Value, w: Weights, role: str, name: str):
+    """RMSNorm or LayerNorm of ``x [..., C]``; a scale or bias absent from the plan is the
+    identity (a LayerNorm without them is OLMo's non-parametric norm)."""
+    weight, bias = w.get(f"{role}.weight"), w.get(f"{role}.bias")
+    width = x.shape[-1] if x.shape is not None else None
+    if weight is None:
+        if not isinstance(width, int):
+            raise ValueError(f"{role}: a norm without a weight needs a known width")
+        weight = w.constant(f"norm.ones_{width}", np.ones(width, np.float32))
+    if spec.kind == "rms":
+        if bias is not None:
+            raise ValueError(f"{role}: an RMS norm has no bias")
+        return ops.rms_norm(g, x, weight, epsilon=spec.epsilon, name=name)
+    if bias is None:
+        width = weight.shape[0]
+        bias = w.constant(f"norm.zeros_{width}", np.zeros(width, np.float32))
+    return ops.layer_norm(g, x, weight, bias, epsilon=spec.epsilon, name=name)
+
+
+def attention(
+    g: GraphEmitter,
+    spec: AttentionSpec,
+    x: ir.Value,
+    w: Weights,
+    prefix: str,
+    io: LayerInputs,
+    scope: str,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One semantic attention block (:mod:`graphattn.ops.attention_block`)."""
+    weights = {}
+    for part in ("q", "k", "v", "o", "q_norm", "k_norm"):
+        for kind in ("weight", "bias"):
+            if f"{prefix}{part}.{kind}" in w:
+                weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    qk_norm = "none"
+    if spec.qk_norm is not None:
+        qk_norm = f"{spec.qk_norm.kind}_{spec.qk_norm_scope}"
+    rope = spec.rope
+    return self_attention_block(
+        g,
+        x,
+        weights,
+        bias_B1ST=io.bias,
+        past_key_BKPD=io.past_key,
+        past_value_BKPD=io.past_value,
+        num_heads=spec.num_heads,
+        kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        scale=spec.effective_scale,
+        softcap=spec.softcap,
+        window=spec.window,
+        rope="none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
+        cos_sin=io.cos_sin,
+        rotary_dim=0 if rope is None else rope.rotary_dim,
+        qk_norm=qk_norm,
+        qk_norm_epsilon=spec.qk_norm.epsilon if spec.qk_norm is not None else 1e-6,
+        clip_qkv=spec.clip_qkv,
+        name=f"{scope}/attn",
+    )
+
+
+def _activation(g: GraphEmitter, kind: str, x: ir.Value, name: str) -> ir.Value:
+    if kind == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x], name=f"{name}/sigmoid")], name=name)
+    if kind in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if kind == "gelu_tanh" else "none"
+        return g.op("Gelu", [x], {"approximate": approximate}, name=name)
+    relu = g.op("Relu", [x], name=name if kind == "relu" else f"{name}/relu")
+    return relu if kind == "relu" else g.op("Mul", [relu, relu], name=name)
+
+
+def _linear(g: GraphEmitter, x: ir.Value, w: Weights, role: str, name: str) -> ir.Value:
+    y = g.op("MatMul", [x, w[f"{role}_weight"]], name=name)
+    if f"{role}_bias" in w:
+        y = g.op("Add", [y, w[f"{role}_bias"]], name=f"{name}/bias")
+    return y
+
+
+def mlp(g: GraphEmitter, spec: MlpSpec, x: ir.Value, w: Weights, prefix: str, scope: str):
+    """The feed-forward block; SwiGLU and GPT-2's GELU MLP keep their own functions."""
+    roles = {r.removeprefix(prefix) for r in w._tensors if r.startswith(prefix)}
+    m = f"{prefix}"
+    if spec.kind == "gated" and spec.activation == "silu" and not any("bias" in r for r in roles):
+        picked = {r: w[f"{m}{r}"] for r in ("gate_weight", "up_weight", "down_weight")}
+        return ops.swiglu_mlp(g, x, picked, name=scope)
+    if (
+        spec.kind == "plain"
+        and spec.activation == "gelu_tanh"
+        and roles
+        == {
+            "fc_weight",
+            "fc_bias",
+            "proj_weight",
+            "proj_bias",
+        }
+    ):
+        picked = {r: w[f"{m}{r}"] for r in roles}
+        return ops.gelu_mlp(g, x, picked, name=scope)
+    if spec.kind == "gated":
+        gate = _linear(g, x, w, f"{m}gate", f"{scope}/gate")
+        up = _linear(g, x, w, f"{m}up", f"{scope}/up")
+        act = _activation(g, spec.activation, gate, f"{scope}/act")
+        return _linear(
+            g, g.op("Mul", [act, up], name=f"{scope}/gated"), w, f"{m}down", f"{scope}/down"
+        )
+    hidden = _activation(
+        g, spec.activation, _linear(g, x, w, f"{m}fc", f"{scope}/fc"), f"{scope}/act"
+    )
+    return _linear(g, hidden, w, f"{m}proj", f"{scope}/proj")
+
+
+def decoder_layer(
+    g: GraphEmitter, spec: LayerSpec, hidden: ir.Value, w: Weights, index: int, io: LayerInputs
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One layer: returns ``(hidden [B, S, C], present_key, present_value)``."""
+    scope, prefix = f"layers.{index}", f"layers.{index}."
+
+    def normed(place: str, x: ir.Value) -> ir.Value:
+        if place not in spec.norms:
+            return x
+        return norm(g, spec.norms[place], x, w, f"{prefix}{place}", f"{scope}/{place}")
+
+    def add(a: ir.Value, branch: ir.Value, name: str) -> ir.Value:
+        branch = scaled(g, w, branch, spec.residual_scale, f"{scope}/{name}_scale")
+        return g.op("Add", [a, branch], name=f"{scope}/{name}")
+
+    x = normed("attn_norm", hidden)
+    attended, present_key, present_value = attention(g, spec.attention, x, w, prefix, io, scope)
+    attended = normed("post_attn_norm", attended)
+    if spec.residual == "parallel":
+        mlp_in = normed("mlp_norm", hidden) if "mlp_norm" in spec.norms else x
+        fed = normed("post_mlp_norm", mlp(g, spec.mlp, mlp_in, w, f"{prefix}mlp.", f"{scope}/mlp"))
+        both = g.op("Add", [attended, fed], name=f"{scope}/parallel")
+        return add(hidden, both, "residual"), present_key, present_value
+    hidden = add(hidden, attended, "attn_residual")
+    fed = mlp(g, spec.mlp, normed("mlp_norm", hidden), w, f"{prefix}mlp.", f"{scope}/mlp")
+    hidden = add(hidden, normed("post_mlp_norm", fed), "mlp_residual")
+    return hidden, present_key, present_value
+
+
+def final_logits(g: GraphEmitter, hidden: ir.Value, w: Weights, cfg) -> ir.Value:
+    """Final norm, output projection, then the logit scale and softcap where the config has them."""
+    hidden = norm(g, cfg.final_norm, hidden, w, "final_norm", "final_norm")
+    logits = ops.lm_head(g, hidden, w["lm_head.weight"], name="lm_head")
+    if "lm_head.bias" in w:
+        logits = g.op("Add", [logits, w["lm_head.bias"]], name="lm_head/bias")
+    logits = scaled(g, w, logits, cfg.logit_scale, "logit_scale")
+    if cfg.final_softcap is not None:
+        logits = g.call(
+            Softcap, [logits], {"softcap": float(cfg.final_softcap)}, name="final_softcap"
+        )
+    return logits
