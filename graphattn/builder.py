@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn import __version__, ops
-from graphattn.layers import LayerInputs, Weights, decoder_layer, final_logits, scaled
+from graphattn.layers import LayerInputs, Weights, decoder_layer, final_logits, norm, scaled
 from graphattn.ops import GraphEmitter
 from graphattn.rope import rope_cos_sin
 from graphattn.spec import BATCH, CONTEXT_KEY, PAST, SEQUENCE, TOTAL, ModelConfig
@@ -62,15 +62,17 @@ def build_decoder(
         placed = g.op("Gather", [w["embed_positions"], position_ids], name="embed_positions")
         hidden = g.op("Add", [hidden, placed], name="embed")
 
-    biases: dict[tuple[bool, int | None], ir.Value] = {}
+    if cfg.embedding_norm is not None:
+        hidden = norm(g, cfg.embedding_norm, hidden, w, "embed_norm", "embed_norm")
+    biases: dict[tuple, ir.Value] = {}
     rotations: dict[tuple, tuple[ir.Value, ir.Value]] = {}
     presents = []
     for i, layer in enumerate(cfg.layers):
         spec = layer.attention
-        mask_key = (spec.causal, spec.window)
+        mask_key = (spec.causal, spec.window, spec.alibi_slopes)
         if mask_key not in biases:
             suffix = "" if not biases else f"_{len(biases)}"
-            biases[mask_key] = ops.attention_bias(
+            bias = ops.attention_bias(
                 g,
                 attention_mask,
                 input_ids,
@@ -78,6 +80,13 @@ def build_decoder(
                 window=spec.window,
                 name=f"attention_bias{suffix}",
             )
+            if spec.alibi_slopes is not None:
+                slopes = g.initializer(
+                    f"alibi{suffix}.slopes", np.array(spec.alibi_slopes, np.float32)
+                )
+                alibi = ops.alibi_bias(g, attention_mask, slopes, name=f"alibi{suffix}")
+                bias = g.op("Add", [bias, alibi], name=f"alibi{suffix}/with_mask")
+            biases[mask_key] = bias
         cos_sin = None
         if spec.rope is not None:
             if spec.rope.key not in rotations:

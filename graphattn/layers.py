@@ -129,6 +129,7 @@ def attention(
         qk_norm=qk_norm,
         qk_norm_epsilon=spec.qk_norm.epsilon if spec.qk_norm is not None else 1e-6,
         clip_qkv=spec.clip_qkv,
+        alibi=spec.alibi_slopes is not None,
         name=f"{scope}/attn",
     )
 

@@ -110,7 +110,9 @@ class AttentionSpec:
     ``scale`` of the scores (default ``1/sqrt(head_dim)``); ``softcap`` of the scores;
     ``qk_norm``: RMS/LayerNorm of queries and keys per ``head`` (Qwen3, Gemma 3) or over the
     ``full`` projection width (OLMo 2), or None; ``clip_qkv``: q/k/v clamped to ±c (OLMo);
-    ``alibi``: per-head linear position biases (Bloom, MPT); ``causal``: decoders are.
+    ``alibi_slopes``: ALiBi, one slope per query head (Bloom, MPT, Falcon): the scores get
+    ``slope_h · (key position among the row's real tokens)`` added (after ``scale``; a family
+    whose bias is scaled too folds that into its slopes); ``causal``: decoders are.
     Projection biases exist where the weight plan has them."""
 
     num_heads: int
@@ -123,7 +125,7 @@ class AttentionSpec:
     qk_norm: NormSpec | None = None
     qk_norm_scope: str = "head"
     clip_qkv: float | None = None
-    alibi: bool = False
+    alibi_slopes: tuple[float, ...] | None = None
     causal: bool = True
 
     def __post_init__(self) -> None:
@@ -143,8 +145,14 @@ class AttentionSpec:
             raise ValueError(
                 f"rope rotary_dim={self.rope.rotary_dim} exceeds head_dim={self.head_dim}"
             )
-        if self.rope is not None and self.alibi:
-            raise ValueError("attention cannot have both rope and alibi")
+        if self.alibi_slopes is not None:
+            if self.rope is not None:
+                raise ValueError("attention cannot have both rope and alibi")
+            if len(self.alibi_slopes) != self.num_heads:
+                raise ValueError(
+                    f"alibi needs {self.num_heads} slopes (one per head), got"
+                    f" {len(self.alibi_slopes)}"
+                )
 
     @property
     def effective_scale(self) -> float:
@@ -202,7 +210,8 @@ class ModelConfig:
     layer's attention: RoPE, ALiBi or none). ``embedding_scale`` multiplies the token
     embeddings (Gemma ``sqrt(hidden)``, Granite); ``logit_scale`` multiplies the logits
     (Cohere; Granite's ``1/logits_scaling``); ``final_softcap`` caps them (Gemma 2).
-    ``final_norm`` is the norm before the output projection."""
+    ``final_norm`` is the norm before the output projection; ``embedding_norm`` one right
+    after the embeddings (Bloom's ``word_embeddings_layernorm``), or None."""
 
     model_type: str
     vocab_size: int
@@ -214,6 +223,7 @@ class ModelConfig:
     embedding_scale: float | None = None
     logit_scale: float | None = None
     final_softcap: float | None = None
+    embedding_norm: NormSpec | None = None
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

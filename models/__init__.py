@@ -5,15 +5,25 @@ Adding a family whose features already exist as ops is one file plus one line he
 
 from collections.abc import Mapping
 
-from graphattn.models import gpt2, llama, qwen3
+from graphattn.models import bloom, cohere, exaone4, glm, gpt2, helium, llama, ministral, olmo, olmo2, qwen3, smollm3, starcoder2
 from graphattn.spec import Architecture, GGUFSpec
 
 REGISTRY: dict[str, Architecture] = {
+    "cohere": cohere.ARCHITECTURE,
+    "exaone4": exaone4.ARCHITECTURE,
+    "olmo": olmo.ARCHITECTURE,
+    "olmo2": olmo2.ARCHITECTURE,
+    "starcoder2": starcoder2.ARCHITECTURE,
+    "bloom": bloom.ARCHITECTURE,
     "gpt2": gpt2.ARCHITECTURE,
+    "glm": glm.ARCHITECTURE,
+    "helium": helium.ARCHITECTURE,
     "llama": llama.ARCHITECTURE,
+    "ministral": ministral.ARCHITECTURE,
     "mistral": llama.ARCHITECTURE,  # Llama graph plus sliding_window
     "qwen2": llama.ARCHITECTURE,  # Llama graph plus q/k/v biases
     "qwen3": qwen3.ARCHITECTURE,
+    "smollm3": smollm3.ARCHITECTURE,
 }
 
 

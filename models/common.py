@@ -227,3 +227,16 @@ def optional_roles(plan: dict, roles: Iterable[tuple[str, WeightSource]]) -> Non
             source.out_shape,
             optional=True,
         )
+
+
+def alibi_slopes(heads: int) -> tuple[float, ...]:
+    """ALiBi's per-head slopes (Press et al.; as Bloom and Falcon build them): a geometric
+    sequence for the largest power of two ≤ heads, then every other slope of the next one."""
+    closest = 2 ** int(math.floor(math.log2(heads)))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base**power for power in range(1, closest + 1)]
+    if closest != heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, heads - closest)
+        slopes += [extra**power for power in range(1, 2 * remaining, 2)]
+    return tuple(slopes)

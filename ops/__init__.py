@@ -13,7 +13,7 @@ from graphattn.ops.attention import (
 from graphattn.ops.domain import DEFAULT_OPSET, DOMAIN, DOMAIN_VERSION, registered_functions
 from graphattn.ops.emit import GraphEmitter
 from graphattn.ops.heads import lm_head, merge_heads, split_heads
-from graphattn.ops.masks import attention_bias, position_bias, position_ids_from_mask
+from graphattn.ops.masks import alibi_bias, attention_bias, position_bias, position_ids_from_mask
 from graphattn.ops.mlp import gelu_mlp, swiglu_mlp
 from graphattn.ops.norms import layer_norm, qk_norm, rms_norm
 from graphattn.ops.rotary import apply_rotary, inverse_frequencies, rotary_cos_sin
@@ -23,6 +23,7 @@ __all__ = [
     "DOMAIN",
     "DOMAIN_VERSION",
     "GraphEmitter",
+    "alibi_bias",
     "apply_rotary",
     "attention_bias",
     "gelu_mlp",

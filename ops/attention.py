@@ -98,6 +98,29 @@ def ScaledDotProductAttentionSoftcapSSMax(
     return MaskedSoftmaxMix(scaled, bias_B1ST, value_BKTD)
 
 
+@graphattn_function
+def MaskedSoftmaxMixHeadBias(scores_BKGST, bias_BHST, value_BKTD):
+    """MaskedSoftmaxMix with a bias per query head [B, H, S, T] (ALiBi plus the mask)."""
+    grouped_shape = op.Concat(
+        op.Slice(op.Shape(scores_BKGST), [0], [3]), op.Slice(op.Shape(bias_BHST), [2], [4]), axis=0
+    )
+    bias_BKGST = op.Reshape(op.CastLike(bias_BHST, scores_BKGST), grouped_shape)
+    probs_BKGST = op.Softmax(op.Add(scores_BKGST, bias_BKGST), axis=-1)
+    mixed_BKGSD = op.MatMul(probs_BKGST, op.Unsqueeze(value_BKTD, [2]))
+    mixed_shape = op.Shape(mixed_BKGSD)
+    output_shape = op.Concat(
+        op.Slice(mixed_shape, [0], [1]), [-1], op.Slice(mixed_shape, [3], [5]), axis=0
+    )
+    return op.Reshape(mixed_BKGSD, output_shape)
+
+
+@graphattn_function
+def ScaledDotProductAttentionHeadBias(query_BHSD, key_BKTD, value_BKTD, bias_BHST, scale: float):
+    """output [B, H, S, D] = softmax(scale Q Kᵀ + bias) V with a bias per query head."""
+    scores = GroupedScores(query_BHSD, key_BKTD, scale=scale)
+    return MaskedSoftmaxMixHeadBias(scores, bias_BHST, value_BKTD)
+
+
 _VARIANTS = {
     (False, False): ScaledDotProductAttention,
     (True, False): ScaledDotProductAttentionSoftcap,

@@ -34,7 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphattn.ops.attention import _VARIANTS, _check_heads, _check_positive
+from graphattn.ops.attention import (
+    _VARIANTS,
+    ScaledDotProductAttentionHeadBias,
+    _check_heads,
+    _check_positive,
+)
 from graphattn.ops.emit import GraphEmitter, require_rank
 from graphattn.ops.heads import MergeHeads, SplitHeads
 from graphattn.ops.norms import LayerNorm, RMSNorm, _check_epsilon
@@ -72,6 +77,7 @@ ATTRIBUTES = (
     ("qk_norm", _STRING),  # none | rms_head | rms_full | layer_head | layer_full
     ("qk_norm_epsilon", _FLOAT),
     ("clip_qkv", _FLOAT),  # 0: none
+    ("alibi", _INT),  # 1: the bias input is per head [B, H, S, T] (ALiBi added to the mask)
     ("input_roles", ir.AttributeType.STRINGS),
 )
 
@@ -92,6 +98,7 @@ class BlockAttributes:
     qk_norm: str = "none"
     qk_norm_epsilon: float = 0.0
     clip_qkv: float = 0.0
+    alibi: int = 0
     input_roles: tuple[str, ...] = ()
 
     @classmethod
@@ -128,6 +135,8 @@ def _structure_name(roles: tuple[str, ...], attrs: BlockAttributes) -> str:
         tokens.append(f"rope_{attrs.rope}")
     if attrs.softcap:
         tokens.append("softcap")
+    if attrs.alibi:
+        tokens.append("alibi")
     return "_".join(["SelfAttention", *tokens])
 
 
@@ -185,6 +194,10 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
     value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
     variant = _VARIANTS[(bool(attrs.softcap), False)]
+    if attrs.alibi:
+        if attrs.softcap:
+            raise ValueError("an ALiBi block with a softcap is not supported")
+        variant = ScaledDotProductAttentionHeadBias
     score_attrs = {"scale": _ref("scale", _FLOAT)}
     if attrs.softcap:
         score_attrs["softcap"] = _ref("softcap", _FLOAT)
@@ -217,6 +230,7 @@ def self_attention_block(
     qk_norm: str = "none",
     qk_norm_epsilon: float = 1e-6,
     clip_qkv: float | None = None,
+    alibi: bool = False,
     name: str,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit one block call; returns ``(output [B, S, C], present_key, present_value)``.
@@ -224,7 +238,8 @@ def self_attention_block(
     ``weights`` maps the roles of :data:`ROLES` that exist to values (``q/k/v/o_weight``
     ``[in, out]`` are required). ``bias_B1ST`` is the additive mask (causality, window and
     padding already in it; ``window`` is recorded for the compiler). ``rope`` is ``none``,
-    ``halves`` or ``interleaved`` with ``cos_sin [B, S, rotary_dim / 2]``."""
+    ``halves`` or ``interleaved`` with ``cos_sin [B, S, rotary_dim / 2]``. ``alibi``: the
+    bias is per query head ``[B, H, S, T]`` (ALiBi added to the mask)."""
     _check_heads(num_heads, kv_heads, head_dim)
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else _check_positive("scale", scale)
     softcap = _check_positive("softcap", softcap) or 0.0
@@ -263,6 +278,7 @@ def self_attention_block(
         qk_norm=qk_norm,
         qk_norm_epsilon=_check_epsilon(qk_norm_epsilon) if qk_norm != "none" else 0.0,
         clip_qkv=clip_qkv,
+        alibi=int(bool(alibi)),
         input_roles=roles,
     )
     function_name = _structure_name(roles, attrs)

@@ -84,6 +84,18 @@ def PositionIds(attention_mask_BT, input_ids_BS):
     return op.Slice(positions_BT, op.Neg(query_len), [9223372036854775807], [1])
 
 
+@graphattn_function
+def AlibiBias(attention_mask_BT, slopes_H):
+    """ALiBi bias [B, H, 1, T] float32: ``slope_h · position_t`` with ``position_t`` the key's
+    index among the row's real tokens (pads get 0: they are masked anyway). A bias that
+    differs from another ALiBi convention by a constant per query gives the same softmax."""
+    cumulative_BT = op.CumSum(attention_mask_BT, op.Constant(value_int=1))
+    positions_BT = op.Mul(op.Sub(cumulative_BT, op.Constant(value_int=1)), attention_mask_BT)
+    positions_B11T = op.Unsqueeze(op.Cast(positions_BT, to=1), [1, 2])
+    slopes_1H11 = op.Unsqueeze(op.Cast(slopes_H, to=1), [0, 2, 3])
+    return op.Mul(slopes_1H11, positions_B11T)
+
+
 def _check_window(window: int | None) -> int:
     if window is None:
         return 0
@@ -130,6 +142,14 @@ def position_ids_from_mask(
     return g.call(PositionIds, [attention_mask_BT, input_ids_BS], name=name)
 
 
+def alibi_bias(
+    g: GraphEmitter, attention_mask_BT: ir.Value, slopes_H: ir.Value, *, name: str
+) -> ir.Value:
+    """Emit ``AlibiBias``: [B, H, 1, T] float32 from ``attention_mask`` and slopes ``[H]``."""
+    require_rank(attention_mask_BT, 2, "attention_mask")
+    return g.call(AlibiBias, [attention_mask_BT, slopes_H], name=name)
+
+
 def bool_mask_to_bias(g: GraphEmitter, keep: ir.Value, *, name: str) -> ir.Value:
     """Emit ``KeepToBias``: a boolean keep-mask as an additive float32 bias of the same shape."""
     return g.call(KeepToBias, [keep], name=name)
@@ -137,6 +157,7 @@ def bool_mask_to_bias(g: GraphEmitter, keep: ir.Value, *, name: str) -> ir.Value
 
 __all__ = [
     "FLOAT",
+    "alibi_bias",
     "attention_bias",
     "bool_mask_to_bias",
     "position_bias",

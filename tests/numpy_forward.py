@@ -271,6 +271,17 @@ def llama_like_forward(w, config, input_ids, attention_mask, position_ids, past,
     return logits, presents
 
 
+class _NoPast:
+    """An empty cache entry for a family whose cache shape this module does not compute:
+    ``np.concatenate([empty, k], axis=2)`` is ``k`` (through NumPy's ``__array_function__``)."""
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is not np.concatenate:
+            return NotImplemented
+        arrays = [a for a in args[0] if not isinstance(a, _NoPast)]
+        return np.concatenate(arrays, *args[1:], **kwargs)
+
+
 def knows(config) -> bool:
     """Whether this module has a forward pass for the config's family."""
     _plugins()
@@ -280,6 +291,7 @@ def knows(config) -> bool:
 def forward(weights, config, input_ids, attention_mask, position_ids, past=None):
     """Dispatch on ``config["model_type"]``; ``past`` defaults to empty caches."""
     w = {name: np.asarray(array, dtype=np.float64) for name, array in weights.items()}
+    _plugins()
     if config["model_type"] == "gpt2":
         kv_heads, head_dim, layers = (
             config["n_head"],
@@ -287,6 +299,12 @@ def forward(weights, config, input_ids, attention_mask, position_ids, past=None)
             config["n_layer"],
         )
         run = gpt2_forward
+    elif "forward" in FAMILIES.get(config["model_type"], {}):
+        if past is None:
+            past = [(_NoPast(), _NoPast())] * 1024
+        return FAMILIES[config["model_type"]]["forward"](
+            w, config, input_ids, attention_mask, position_ids, past
+        )
     else:
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads") or heads

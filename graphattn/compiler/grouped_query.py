@@ -181,6 +181,8 @@ def _why_not(block: Block, ctx: Context) -> str | None:
         return "the graph has no attention_mask/input_ids to derive the kernel's lengths from"
     if not a.causal:
         return "the kernel is always causal; this block is not"
+    if a.alibi:
+        return "ALiBi: the kernel has no per-head position bias (its mask input is padding only)"
     if a.head_dim % 16:
         return f"head_dim {a.head_dim} is not a multiple of 16"
     if _causal_window(block.inputs["bias"]) != a.window:
