@@ -13,7 +13,7 @@ other Llama-shaped families (Qwen3, Gemma, OLMo 2, ...) compose.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from graphattn.models.common import (
     ACTIVATIONS,
@@ -235,13 +235,70 @@ LLAMA_GGUF_LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# llama.cpp's converter permutes Llama's q/k rows for its interleaved RoPE (not Qwen's).
+# llama.cpp's converter permutes Llama's q/k rows for its interleaved RoPE; its Qwen2 and
+# Qwen3 converters (TextModel's plain name mapping) store them as HF does.
 LLAMA_PERMUTED = {
     "self_attn.q_proj.weight": "num_attention_heads",
     "self_attn.q_proj.bias": "num_attention_heads",
     "self_attn.k_proj.weight": "num_key_value_heads",
     "self_attn.k_proj.bias": "num_key_value_heads",
 }
+# ``{arch}.*`` metadata that changes llama.cpp's math for these families and is not read
+# here: a file stating one is refused by name (never silently ignored).
+GGUF_REFUSED = (
+    "attention.scale",
+    "attention.clamp_kqv",
+    "attention.max_alibi_bias",
+    "attention.sliding_window",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "logit_scale",
+    "embedding_scale",
+    "residual_scale",
+    "expert_count",
+    "rope.scaling.attn_factor",
+    "rope.scaling.yarn_log_multiplier",
+    "rope.scaling.yarn_ext_factor",
+    "rope.scaling.yarn_attn_factor",
+)
+
+
+def refuse_gguf_keys(fields: Mapping[str, object], arch: str, keys=GGUF_REFUSED) -> None:
+    """ValueError naming the first ``{arch}.<key>`` of ``keys`` the file states."""
+    for key in keys:
+        name = f"{arch}.{key}"
+        if name in fields:
+            raise ValueError(f"GGUF metadata {name}={fields[name]!r} is not supported")
+
+
+def gguf_rope_scaling(fields: Mapping[str, object], arch: str, need) -> dict | None:
+    """``rope_scaling`` from ``{arch}.rope.scaling.*`` (linear, YaRN) or the older
+    ``{arch}.rope.scale_linear``; None without scaling."""
+    kind = fields.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        old = fields.get(f"{arch}.rope.scale_linear")
+        if old is None or float(old) == 1.0:
+            return None
+        return {"rope_type": "linear", "factor": float(old)}
+    factor = float(need(f"{arch}.rope.scaling.factor"))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind != "yarn":
+        raise ValueError(f"GGUF rope scaling {kind!r} is not supported")
+    # llama.cpp's YaRN: correction range from the original context and beta_fast/beta_slow,
+    # cos/sin scaled by 1 + 0.1 ln(factor): transformers' yarn with these parameters.
+    scaling = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": int(
+            need(f"{arch}.rope.scaling.original_context_length")
+        ),
+    }
+    for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        value = fields.get(f"{arch}.rope.scaling.{key}")
+        if value is not None:
+            scaling[hf] = float(value)
+    return scaling
 
 
 def gguf_common_config(fields: Mapping[str, object], arch: str, need) -> dict:
@@ -268,24 +325,41 @@ def gguf_common_config(fields: Mapping[str, object], arch: str, need) -> dict:
         "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": fields.get("tokenizer.ggml.padding_token_id"),
     }
+    value_length = fields.get(f"{arch}.attention.value_length")
+    if value_length is not None and int(value_length) != config["head_dim"]:
+        raise ValueError(
+            f"GGUF metadata {arch}.attention.value_length={value_length} (key_length"
+            f" {config['head_dim']}) is not supported"
+        )
     rotary = fields.get(f"{arch}.rope.dimension_count")
     if rotary is not None and int(rotary) != config["head_dim"]:
         config["partial_rotary_factor"] = int(rotary) / config["head_dim"]
-    scaling = fields.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
-        factor = float(need(f"{arch}.rope.scaling.factor"))
-        config["rope_scaling"] = {"type": "linear", "factor": factor}
+    scaling = gguf_rope_scaling(fields, arch, need)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     return config
 
 
 def gguf_config(fields: Mapping[str, object], need) -> dict:
     """An HF LlamaForCausalLM ``config.json`` from ``llama.*`` GGUF metadata."""
+    refuse_gguf_keys(fields, "llama")
     config = gguf_common_config(fields, "llama", need)
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        **config,
+    }
+
+
+def qwen2_gguf_config(fields: Mapping[str, object], need) -> dict:
+    """An HF Qwen2ForCausalLM ``config.json`` from ``qwen2.*`` GGUF metadata (every layer
+    full attention, as llama.cpp runs Qwen2)."""
+    refuse_gguf_keys(fields, "qwen2")
+    config = gguf_common_config(fields, "qwen2", need)
+    return {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
         "hidden_act": "silu",
         **config,
     }
@@ -298,6 +372,13 @@ GGUF = GGUFSpec(
     layer_names=LLAMA_GGUF_LAYER_NAMES,
     permuted_rows=LLAMA_PERMUTED,
 )
+# Qwen2: Llama's names (q/k/v biases included), rows as HF stores them.
+QWEN2_GGUF = GGUFSpec(
+    arch="qwen2",
+    config=qwen2_gguf_config,
+    tensor_names=LLAMA_GGUF_NAMES,
+    layer_names=LLAMA_GGUF_LAYER_NAMES,
+)
 
 ARCHITECTURE = Architecture(
     name="llama",
@@ -308,3 +389,5 @@ ARCHITECTURE = Architecture(
     genai_type="llama",
     gguf=GGUF,
 )
+# The same graph registered for model_type qwen2, reading qwen2 GGUF files.
+QWEN2 = replace(ARCHITECTURE, gguf=QWEN2_GGUF)

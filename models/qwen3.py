@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from graphattn.models import llama
 from graphattn.models.common import FULL, layer_types, norm_spec, refuse, rope_spec
-from graphattn.spec import Architecture, AttentionSpec, LayerSpec, ModelConfig
+from graphattn.spec import Architecture, AttentionSpec, GGUFSpec, LayerSpec, ModelConfig
 
 QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
 
@@ -44,6 +44,34 @@ def weights(cfg: ModelConfig) -> dict:
     return plan
 
 
+# ------------------------------------------------------------------------------ GGUF
+# llama.cpp's Qwen3 converter maps names only (no q/k permutation, norms stored as HF does).
+GGUF_LAYER_NAMES = {
+    **llama.LLAMA_GGUF_LAYER_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+
+
+def gguf_config(fields: Mapping[str, object], need) -> dict:
+    """An HF Qwen3ForCausalLM ``config.json`` from ``qwen3.*`` GGUF metadata."""
+    llama.refuse_gguf_keys(fields, "qwen3")
+    config = llama.gguf_common_config(fields, "qwen3", need)
+    return {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_act": "silu",
+        **config,
+    }
+
+
+GGUF = GGUFSpec(
+    arch="qwen3",
+    config=gguf_config,
+    tensor_names=llama.LLAMA_GGUF_NAMES,
+    layer_names=GGUF_LAYER_NAMES,
+)
+
 ARCHITECTURE = Architecture(
     name="qwen3",
     hf_architectures=("Qwen3ForCausalLM",),
@@ -51,4 +79,5 @@ ARCHITECTURE = Architecture(
     weights=weights,
     ignored=(".rotary_emb.inv_freq",),
     genai_type="qwen3",
+    gguf=GGUF,
 )

@@ -130,3 +130,33 @@ def write_gguf(
 
 def load_tokenizer_json(directory) -> dict:
     return json.loads((directory / "tokenizer.json").read_text())
+
+
+def write_arch_gguf(path, arch: str, metadata: dict, tensors: dict, kinds: dict) -> dict:
+    """Write a GGUF of any architecture as a converter would, without renaming or permuting.
+
+    ``metadata``: full keys → values (bool, int → uint32, float → float32, str); ``tensors``:
+    GGUF names → float arrays in HF row layout ``[rows, row length]``; ``kinds``: GGUF names →
+    tensor types (default F32). Returns the float32 values each tensor holds (quantization
+    error included), by GGUF name."""
+    writer = GGUFWriter(str(path), arch)
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_string(key, str(value))
+    held = {}
+    for name, array in tensors.items():
+        kind = kinds.get(name, "F32")
+        data, qtype = encode(array, kind)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        held[name] = decoded(array, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held
