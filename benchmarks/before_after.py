@@ -4,8 +4,8 @@ rounds, plus each export's time and peak RSS.
 
     git worktree add /tmp/before <commit>
     python3 -m venv /tmp/before/.venv && /tmp/before/.venv/bin/pip install --no-deps -e /tmp/before
-    echo "$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')" \\
-        > "$(/tmp/before/.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/main.pth"
+    SITE='import site; print(site.getsitepackages()[0])'
+    .venv/bin/python -c "$SITE" > "$(/tmp/before/.venv/bin/python -c "$SITE")/main.pth"
     .venv/bin/python benchmarks/before_after.py --before-python /tmp/before/.venv/bin/python
 
 (the ``.pth`` line lends the earlier checkout this venv's dependencies; run it outside the
