@@ -63,7 +63,7 @@ def build_decoder(
         hidden = g.op("Add", [hidden, placed], name="embed")
 
     if cfg.embedding_norm is not None:
-        hidden = norm(g, cfg.embedding_norm, hidden, w, "embed_norm", "embed_norm")
+        hidden = norm(g, cfg.embedding_norm, hidden, w, "embed_norm", "embed_norm", cfg.hidden_size)
     biases: dict[tuple, ir.Value] = {}
     rotations: dict[tuple, tuple[ir.Value, ir.Value]] = {}
     presents = []
@@ -96,7 +96,9 @@ def build_decoder(
                 )
             cos_sin = rotations[spec.rope.key]
         io = LayerInputs(biases[mask_key], cos_sin, *pasts[i])
-        hidden, present_key, present_value = decoder_layer(g, layer, hidden, w, i, io)
+        hidden, present_key, present_value = decoder_layer(
+            g, layer, hidden, w, i, io, cfg.hidden_size
+        )
         presents.append((present_key, present_value))
 
     if last_logits_only:

@@ -72,22 +72,23 @@ def scaled(g: GraphEmitter, w: Weights, x: ir.Value, factor: float | None, name:
     return g.op("Mul", [x, g.op("CastLike", [constant, x], name=f"{name}/cast")], name=name)
 
 
-def norm(g: GraphEmitter, spec: NormSpec, x: ir.Value, w: Weights, role: str, name: str):
-    """RMSNorm or LayerNorm of ``x [..., C]``; a scale or bias absent from the plan is the
-    identity (a LayerNorm without them is OLMo's non-parametric norm)."""
+def norm(
+    g: GraphEmitter, spec: NormSpec, x: ir.Value, w: Weights, role: str, name: str, width: int
+):
+    """RMSNorm or LayerNorm of ``x [..., width]``; a scale or bias absent from the plan is the
+    identity (a LayerNorm without them is OLMo's non-parametric norm): a constant of ones or
+    zeros, cast to x's type."""
     weight, bias = w.get(f"{role}.weight"), w.get(f"{role}.bias")
-    width = x.shape[-1] if x.shape is not None else None
     if weight is None:
-        if not isinstance(width, int):
-            raise ValueError(f"{role}: a norm without a weight needs a known width")
-        weight = w.constant(f"norm.ones_{width}", np.ones(width, np.float32))
+        ones = w.constant(f"norm.ones_{width}", np.ones(width, np.float32))
+        weight = g.op("CastLike", [ones, x], name=f"{name}/unit_scale")
     if spec.kind == "rms":
         if bias is not None:
             raise ValueError(f"{role}: an RMS norm has no bias")
         return ops.rms_norm(g, x, weight, epsilon=spec.epsilon, name=name)
     if bias is None:
-        width = weight.shape[0]
-        bias = w.constant(f"norm.zeros_{width}", np.zeros(width, np.float32))
+        zeros = w.constant(f"norm.zeros_{width}", np.zeros(width, np.float32))
+        bias = g.op("CastLike", [zeros, x], name=f"{name}/zero_bias")
     return ops.layer_norm(g, x, weight, bias, epsilon=spec.epsilon, name=name)
 
 
@@ -185,7 +186,13 @@ def mlp(g: GraphEmitter, spec: MlpSpec, x: ir.Value, w: Weights, prefix: str, sc
 
 
 def decoder_layer(
-    g: GraphEmitter, spec: LayerSpec, hidden: ir.Value, w: Weights, index: int, io: LayerInputs
+    g: GraphEmitter,
+    spec: LayerSpec,
+    hidden: ir.Value,
+    w: Weights,
+    index: int,
+    io: LayerInputs,
+    hidden_size: int,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """One layer: returns ``(hidden [B, S, C], present_key, present_value)``."""
     scope, prefix = f"layers.{index}", f"layers.{index}."
@@ -193,7 +200,7 @@ def decoder_layer(
     def normed(place: str, x: ir.Value) -> ir.Value:
         if place not in spec.norms:
             return x
-        return norm(g, spec.norms[place], x, w, f"{prefix}{place}", f"{scope}/{place}")
+        return norm(g, spec.norms[place], x, w, f"{prefix}{place}", f"{scope}/{place}", hidden_size)
 
     def add(a: ir.Value, branch: ir.Value, name: str) -> ir.Value:
         branch = scaled(g, w, branch, spec.residual_scale, f"{scope}/{name}_scale")
@@ -215,7 +222,7 @@ def decoder_layer(
 
 def final_logits(g: GraphEmitter, hidden: ir.Value, w: Weights, cfg) -> ir.Value:
     """Final norm, output projection, then the logit scale and softcap where the config has them."""
-    hidden = norm(g, cfg.final_norm, hidden, w, "final_norm", "final_norm")
+    hidden = norm(g, cfg.final_norm, hidden, w, "final_norm", "final_norm", cfg.hidden_size)
     logits = ops.lm_head(g, hidden, w["lm_head.weight"], name="lm_head")
     if "lm_head.bias" in w:
         logits = g.op("Add", [logits, w["lm_head.bias"]], name="lm_head/bias")

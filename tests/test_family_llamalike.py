@@ -332,13 +332,6 @@ def test_llama_static_rope_scaling(tmp_path, name):
     assert families.kernels(exports["ort"]) == ["GroupQueryAttention"] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops/rotary.py RotaryCosSinDynamic ends in `return RotaryCosSin(...)`, which onnxscript "
-    "compiles to ONE output (cos only): inlining fails ('The number of values and replacements "
-    "must match'), onnxruntime refuses the functions graph; binding `cos, sin = RotaryCosSin(...)` "
-    "and returning both makes this test pass on every target",
-)
 def test_llama_dynamic_rope_scaling(tmp_path):
     """Dynamic NTK, max_position_embeddings 10: the prefill (9) and step 1 (10) keep the base,
     steps 2-4 (11-13) raise it. HF updates its frequencies statefully; the graph recomputes
