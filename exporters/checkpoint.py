@@ -74,7 +74,9 @@ def copy_present(source_dir: Path, out_dir: Path, names: tuple[str, ...]) -> lis
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    # ValueError: bad UTF-8, JSONDecodeError, ints past Python's 4300-digit limit;
+    # RecursionError: brackets nested deeper than the decoder recurses
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{path}: cannot read JSON ({error})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

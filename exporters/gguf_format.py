@@ -11,6 +11,7 @@ view per string), and needs no package for the types decoded in ``gguf_dequant``
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ _SCALARS = {
     12: "<d",
 }
 STRING, ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 8  # arrays of arrays, nested deeper than this, are refused (not recursed into)
+MAX_ELEMENTS = 2**60  # no tensor, not even an empty one, has more (NumPy cannot shape it)
 # ggml type id → (name, elements per block, bytes per block) for the types decoded here.
 NATIVE_TYPES = {
     0: ("F32", 1, 4),
@@ -88,16 +91,18 @@ class _Cursor:
         self.pos += length
         return text
 
-    def value(self, value_type: int):
+    def value(self, value_type: int, depth: int = 0):
         if value_type in _SCALARS:
             return self.take(_SCALARS[value_type])
         if value_type == STRING:
             return self.string()
         if value_type == ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFFormatError(f"metadata arrays nested more than {MAX_ARRAY_DEPTH} deep")
             element_type, count = self.take("<I"), self.take("<Q")
-            if count > len(self.data):
+            if count > len(self.data) - self.pos:  # every element takes at least one byte
                 raise GGUFFormatError(f"array of {count} elements is larger than the file")
-            return [self.value(element_type) for _ in range(count)]
+            return [self.value(element_type, depth + 1) for _ in range(count)]
         raise GGUFFormatError(f"unknown metadata value type {value_type}")
 
 
@@ -111,15 +116,32 @@ class GGUFFile:
     tensors: list[TensorInfo]
 
     def array(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's bytes memory-mapped: float types typed, block types ``[rows, bytes]``."""
-        rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        """The tensor's bytes memory-mapped: float types typed, block types ``[rows, bytes]``.
+
+        GGUFFormatError for a type whose size is unknown, or data no longer inside the file."""
+        elements, block_bytes = info.block
+        if not elements:
+            raise GGUFFormatError(
+                f"tensor {info.name!r} has type {info.kind}, whose block size is unknown"
+                " (install the gguf extra for more types)"
+            )
+        size = self.path.stat().st_size
+        if info.offset + info.nbytes > size:  # checked at parse time; the file may have shrunk
+            raise GGUFFormatError(
+                f"tensor {info.name!r} data [{info.offset}, {info.offset + info.nbytes})"
+                f" lies outside the file ({size} bytes)"
+            )
+        typed = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(info.kind)
+        rows = math.prod(info.shape[:-1])
+        row_bytes = info.shape[-1] // elements * block_bytes if info.shape else block_bytes
+        if info.nbytes == 0:  # an empty tensor: nothing to map (mmap refuses length 0)
+            return np.zeros(info.shape if typed else (rows, row_bytes), typed or np.uint8)
         raw = np.memmap(
             self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,)
         )
-        typed = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(info.kind)
         if typed is not None:
             return raw.view(typed).reshape(info.shape)
-        return raw.reshape(rows, -1)
+        return raw.reshape(rows, row_bytes)
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -158,15 +180,25 @@ def _parse(path: Path, cursor: _Cursor, size: int) -> GGUFFile:
         sizes = [cursor.take("<Q") for _ in range(dims)]
         type_id, offset = cursor.take("<I"), cursor.take("<Q")
         directory.append((name, sizes, type_id, offset))
-    alignment = int(fields.get("general.alignment", 32))
+    alignment = fields.get("general.alignment", 32)
+    # llama.cpp refuses any alignment that is not a power of two, too
+    if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"general.alignment {alignment!r} is not a power of two")
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = []
     for name, sizes, type_id, offset in directory:
         kind, block_elements, block_bytes = _type_table(type_id)
-        elements = int(np.prod(sizes, dtype=np.int64))
+        if math.prod(s for s in sizes if s) > MAX_ELEMENTS:
+            raise GGUFFormatError(f"tensor {name!r} has dimensions {sizes}, too many elements")
+        elements = math.prod(sizes)  # Python ints: no int64 wrap-around
         nbytes = elements // block_elements * block_bytes if block_elements else 0
         start = data_start + offset
-        if block_elements and (elements % block_elements or start + nbytes > size):
+        if block_elements > 1 and (not sizes or sizes[0] % block_elements):
+            raise GGUFFormatError(
+                f"tensor {name!r} rows of {sizes[0] if sizes else 1} elements are not whole"
+                f" {kind} blocks of {block_elements}"
+            )
+        if start + nbytes > size:  # types of unknown size (nbytes 0) must start inside, too
             raise GGUFFormatError(f"tensor {name!r} data does not fit the file")
         shape = tuple(int(s) for s in reversed(sizes))
         tensors.append(TensorInfo(name, kind, shape, start, nbytes, (block_elements, block_bytes)))

@@ -9,6 +9,7 @@ checked against the file size before anything is read, so a corrupt file fails w
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ _NUMPY_DTYPES = {
     "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_DIMS = 32  # NumPy 1.x's limit
+_MAX_ELEMENTS = 2**60  # no tensor, not even an empty one, has more (NumPy cannot shape it)
 
 
 class CheckpointError(ValueError):
@@ -63,7 +66,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
             )
         try:
             header = json.loads(file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # ValueError: JSONDecodeError, and ints past Python's 4300-digit limit;
+        # RecursionError: brackets nested deeper than the decoder recurses
+        except (ValueError, RecursionError) as error:
             raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -76,16 +81,36 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     return entries
 
 
+def _natural(value: object) -> bool:
+    """A JSON integer ≥ 0 (not a bool, float or string)."""
+    return type(value) is int and value >= 0
+
+
 def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+    dtype = shape = offsets = None
+    if isinstance(info, dict):
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (
+        isinstance(dtype, str)
+        and isinstance(shape, list)
+        and len(shape) <= _MAX_DIMS
+        and all(_natural(n) for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_natural(n) for n in offsets)
+    ):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header entry for {name!r} (needs a dtype string, a"
+            f" shape of at most {_MAX_DIMS} ints >= 0 and data_offsets [begin, end])"
+        )
+    if math.prod(n for n in shape if n) > _MAX_ELEMENTS:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, too many elements")
     if dtype not in _NUMPY_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    shape, (begin, end) = tuple(shape), offsets
     itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-    if end - begin != expected or begin < 0 or data_start + end > size:
+    expected = math.prod(shape) * itemsize  # Python ints: no int64 wrap-around
+    if end - begin != expected or data_start + end > size:
         raise CheckpointError(
             f"{path}: tensor {name!r} data [{begin}, {end}) does not fit its shape {list(shape)}"
             f" {dtype} or the file ({size} bytes)"
@@ -95,6 +120,12 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
 
 def load_float32(entry: TensorEntry) -> np.ndarray:
     """The tensor as a float32 array, read through a memory map that is released afterwards."""
+    size = entry.path.stat().st_size
+    if entry.offset < 0 or entry.offset + entry.nbytes > size:  # the file may have shrunk
+        raise CheckpointError(
+            f"{entry.path}: tensor {entry.name!r} data [{entry.offset},"
+            f" {entry.offset + entry.nbytes}) lies outside the file ({size} bytes)"
+        )
     if entry.nbytes == 0:
         return np.zeros(entry.shape, dtype=np.float32)
     raw = np.memmap(
