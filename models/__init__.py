@@ -5,25 +5,69 @@ Adding a family whose features already exist as ops is one file plus one line he
 
 from collections.abc import Mapping
 
-from graphattn.models import bloom, cohere, exaone4, glm, gpt2, helium, llama, ministral, olmo, olmo2, qwen3, smollm3, starcoder2
+from graphattn.models import (
+    bloom,
+    codegen,
+    cohere,
+    exaone4,
+    falcon,
+    gemma,
+    gemma3,
+    glm,
+    gpt2,
+    gpt_bigcode,
+    gpt_neo,
+    gpt_neox,
+    gptj,
+    granite,
+    helium,
+    llama,
+    ministral,
+    mpt,
+    nemotron,
+    olmo,
+    olmo2,
+    phi,
+    phi3,
+    qwen3,
+    smollm3,
+    stablelm,
+    starcoder2,
+)
 from graphattn.spec import Architecture, GGUFSpec
 
 REGISTRY: dict[str, Architecture] = {
+    "bloom": bloom.ARCHITECTURE,
+    "codegen": codegen.ARCHITECTURE,
     "cohere": cohere.ARCHITECTURE,
     "exaone4": exaone4.ARCHITECTURE,
-    "olmo": olmo.ARCHITECTURE,
-    "olmo2": olmo2.ARCHITECTURE,
-    "starcoder2": starcoder2.ARCHITECTURE,
-    "bloom": bloom.ARCHITECTURE,
-    "gpt2": gpt2.ARCHITECTURE,
+    "falcon": falcon.ARCHITECTURE,
+    "gemma": gemma.ARCHITECTURE,
+    "gemma2": gemma.GEMMA2_ARCHITECTURE,
+    "gemma3": gemma3.CONDITIONAL_ARCHITECTURE,  # its text decoder only
+    "gemma3_text": gemma3.ARCHITECTURE,
     "glm": glm.ARCHITECTURE,
+    "gpt2": gpt2.ARCHITECTURE,
+    "gpt_bigcode": gpt_bigcode.ARCHITECTURE,
+    "gpt_neo": gpt_neo.ARCHITECTURE,
+    "gpt_neox": gpt_neox.ARCHITECTURE,
+    "gptj": gptj.ARCHITECTURE,
+    "granite": granite.ARCHITECTURE,
     "helium": helium.ARCHITECTURE,
     "llama": llama.ARCHITECTURE,
     "ministral": ministral.ARCHITECTURE,
     "mistral": llama.ARCHITECTURE,  # Llama graph plus sliding_window
-    "qwen2": llama.ARCHITECTURE,  # Llama graph plus q/k/v biases
+    "mpt": mpt.ARCHITECTURE,
+    "nemotron": nemotron.ARCHITECTURE,
+    "olmo": olmo.ARCHITECTURE,
+    "olmo2": olmo2.ARCHITECTURE,
+    "phi": phi.ARCHITECTURE,
+    "phi3": phi3.ARCHITECTURE,
+    "qwen2": llama.QWEN2,  # Llama graph plus q/k/v biases; reads qwen2 GGUF files
     "qwen3": qwen3.ARCHITECTURE,
     "smollm3": smollm3.ARCHITECTURE,
+    "stablelm": stablelm.ARCHITECTURE,
+    "starcoder2": starcoder2.ARCHITECTURE,
 }
 
 
