@@ -103,11 +103,13 @@ def plan_weights(checkpoint: Checkpoint, architecture: Architecture, cfg: ModelC
             )
         used.add(source.source)
     ignorable = tuple(architecture.ignored)
+    prefixes = tuple(architecture.ignored_prefixes)
     unexpected = sorted(
         name
         for name in checkpoint.tensors
         if name not in used
         and not name.endswith(ignorable)
+        and not (prefixes and name.startswith(prefixes))
         and not (cfg.tie_word_embeddings and name == "lm_head.weight")
     )
     if unexpected:

@@ -391,8 +391,9 @@ class Architecture:
 
     ``config_from_hf(config_json) -> ModelConfig``; ``weights(config) -> {role: WeightSource}``
     with the roles the builder reads; ``ignored`` lists checkpoint-name suffixes that may be
-    present but are not weights (buffers such as ``attn.masked_bias``); ``gguf`` how its GGUF
-    files read, if they do."""
+    present but are not weights (buffers such as ``attn.masked_bias``); ``ignored_prefixes``
+    checkpoint-name prefixes of parts the export leaves out (Gemma 3's vision tower);
+    ``gguf`` how its GGUF files read, if they do."""
 
     name: str
     hf_architectures: tuple[str, ...]
@@ -401,3 +402,4 @@ class Architecture:
     ignored: tuple[str, ...] = ()
     genai_type: str = ""
     gguf: GGUFSpec | None = None
+    ignored_prefixes: tuple[str, ...] = ()

@@ -10,7 +10,7 @@ weights before RoPE, and one RoPE per layer type: ``rope_parameters.sliding_atte
 
 The ``gemma3`` export is the text decoder only: its weights are read under
 ``language_model.model.*`` (``language_model.lm_head.weight`` when untied), as transformers
-saves them; the vision tower and the multimodal projector are listed as ignored tensors
+saves them; the vision tower and the multimodal projector are left out by prefix
 (image tokens are not supported: the graph embeds token ids only).
 
 Refused by name: ``use_bidirectional_attention``, ``partial_rotary_factor`` other than 1,
@@ -185,53 +185,10 @@ def conditional_weights(cfg: ModelConfig) -> dict[str, WeightSource]:
     return plan
 
 
-# The vision tower (SigLIP) and the projector: not part of the text decoder's graph. Names as
-# transformers 5 saves them (``vision_tower.*``) and as the Hub files have them
-# (``vision_tower.vision_model.*``); exact names (``ignored`` matches name endings), encoder
-# layers 0..MAX_VISION_LAYERS-1.
-MAX_VISION_LAYERS = 64
-_VISION_LAYER = [
-    f"{module}.{kind}"
-    for module in (
-        "layer_norm1",
-        "layer_norm2",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.out_proj",
-        "mlp.fc1",
-        "mlp.fc2",
-    )
-    for kind in ("weight", "bias")
-]
-_VISION_OTHER = [
-    "embeddings.patch_embedding.weight",
-    "embeddings.patch_embedding.bias",
-    "embeddings.position_embedding.weight",
-    "embeddings.position_ids",
-    "post_layernorm.weight",
-    "post_layernorm.bias",
-    "head.probe",
-    "head.attention.in_proj_weight",
-    "head.attention.in_proj_bias",
-    "head.attention.out_proj.weight",
-    "head.attention.out_proj.bias",
-    "head.layernorm.weight",
-    "head.layernorm.bias",
-    "head.mlp.fc1.weight",
-    "head.mlp.fc1.bias",
-    "head.mlp.fc2.weight",
-    "head.mlp.fc2.bias",
-]
-VISION_TENSORS = tuple(
-    f"{tower}.{name}"
-    for tower in ("vision_tower", "vision_tower.vision_model")
-    for name in _VISION_OTHER
-    + [f"encoder.layers.{i}.{s}" for i in range(MAX_VISION_LAYERS) for s in _VISION_LAYER]
-) + (
-    "multi_modal_projector.mm_input_projection_weight",
-    "multi_modal_projector.mm_soft_emb_norm.weight",
-)
+# The vision tower (SigLIP) and the projector: not part of the text decoder's graph, left out
+# by prefix (``vision_tower.*`` as transformers 5 saves it, ``vision_tower.vision_model.*`` as
+# the Hub files have it).
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 ARCHITECTURE = Architecture(
     name="gemma3_text",
@@ -247,6 +204,7 @@ CONDITIONAL_ARCHITECTURE = Architecture(
     hf_architectures=("Gemma3ForConditionalGeneration",),
     config_from_hf=conditional_config_from_hf,
     weights=conditional_weights,
-    ignored=gemma.IGNORED + VISION_TENSORS,
+    ignored=gemma.IGNORED,
+    ignored_prefixes=VISION_PREFIXES,
     genai_type="gemma3_text",  # the export is the text decoder (GenAI's "gemma3" has vision)
 )
