@@ -8,6 +8,7 @@ time through a memory map while they are written, so peak memory stays near one 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -33,7 +34,7 @@ from graphattn.exporters.output_dir import staged_directory
 from graphattn.exporters.safetensors_reader import CheckpointError
 from graphattn.exporters.transformersjs_layout import ONNX_DIR, arrange, model_file_name
 from graphattn.models import architecture_for
-from graphattn.spec import Architecture, ModelConfig, WeightSource
+from graphattn.spec import Architecture, ModelConfig, WeightSource, row_span
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -164,6 +165,21 @@ def lossless_kinds(options: CompileOptions) -> tuple[str, ...]:
     return kinds
 
 
+def _block_rows(blocks, span: tuple[int, int] | None):
+    """The blocks of rows ``span`` (output features) of a block-quantized weight: a fused
+    GGUF tensor cut like its float rows (Phi-3's ``attn_qkv``), still exact."""
+    if span is None:
+        return blocks
+    start, stop = span
+    return dataclasses.replace(
+        blocks,
+        q=blocks.q[start:stop],
+        scales=blocks.scales[start:stop],
+        zero_points=blocks.zero_points[start:stop],
+        mins=None if blocks.mins is None else blocks.mins[start:stop],
+    )
+
+
 def save_model(model: ir.Model, directory: Path, callback=None) -> None:
     """Write ``model.onnx`` + one ``model.onnx.data`` into ``directory``."""
     ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
@@ -252,9 +268,12 @@ def export(
     if options.bits is not None and hasattr(source, "block_quantized") and not requantize:
         usable = lossless_kinds(options)
         prequantized = {
-            s.name: (lambda s=s: source.block_quantized(s.source))
+            s.name: (
+                lambda s=s: _block_rows(source.block_quantized(s.source), row_span(s.transform))
+            )
             for s in plan.values()
             if source.block_quantized_kind(s.source) in usable
+            and row_span(s.transform) is not False
         }
     compile_model(model, options, prequantized)
     model.metadata_props["graphattn.dtype"] = float_dtype

@@ -322,6 +322,7 @@ def rows(start: int, stop: int) -> Transform:
         return np.ascontiguousarray(array[start:stop])
 
     take.__name__ = f"rows_{start}_{stop}"
+    take.row_span = (start, stop)  # read by row_span(): block-quantized rows slice the same
     return take
 
 
@@ -364,7 +365,22 @@ def compose(*transforms: Transform | None) -> Transform | None:
         return array
 
     run.__name__ = "∘".join(getattr(s, "__name__", "fixup") for s in reversed(steps))
+    run.steps = tuple(steps)
     return run
+
+
+def row_span(transform: Transform | None) -> tuple[int, int] | None | bool:
+    """How a torch-layout weight's fix-up selects its rows (output features): None for all of
+    them (no fix-up, or ``transpose`` alone), ``(start, stop)`` for ``rows(start, stop)``
+    then ``transpose``, False for any other fix-up (its rows are not a plain slice)."""
+    if transform is None or transform is transpose:
+        return None
+    steps = getattr(transform, "steps", None)
+    if steps is not None and len(steps) == 2 and steps[1] is transpose:
+        span = getattr(steps[0], "row_span", None)
+        if span is not None:
+            return span
+    return False
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from graphattn.models import (
     cohere,
     exaone4,
     falcon,
-    gemma,
     gemma3,
+    gemma_gguf,
     glm,
     gpt2,
     gpt_bigcode,
@@ -28,7 +28,7 @@ from graphattn.models import (
     olmo,
     olmo2,
     phi,
-    phi3,
+    phi3_gguf,
     qwen3,
     smollm3,
     stablelm,
@@ -42,10 +42,10 @@ REGISTRY: dict[str, Architecture] = {
     "cohere": cohere.ARCHITECTURE,
     "exaone4": exaone4.ARCHITECTURE,
     "falcon": falcon.ARCHITECTURE,
-    "gemma": gemma.ARCHITECTURE,
-    "gemma2": gemma.GEMMA2_ARCHITECTURE,
+    "gemma": gemma_gguf.ARCHITECTURE,  # reads gemma GGUF files
+    "gemma2": gemma_gguf.GEMMA2_ARCHITECTURE,
     "gemma3": gemma3.CONDITIONAL_ARCHITECTURE,  # its text decoder only
-    "gemma3_text": gemma3.ARCHITECTURE,
+    "gemma3_text": gemma_gguf.GEMMA3_ARCHITECTURE,
     "glm": glm.ARCHITECTURE,
     "gpt2": gpt2.ARCHITECTURE,
     "gpt_bigcode": gpt_bigcode.ARCHITECTURE,
@@ -62,7 +62,7 @@ REGISTRY: dict[str, Architecture] = {
     "olmo": olmo.ARCHITECTURE,
     "olmo2": olmo2.ARCHITECTURE,
     "phi": phi.ARCHITECTURE,
-    "phi3": phi3.ARCHITECTURE,
+    "phi3": phi3_gguf.ARCHITECTURE,  # reads phi3 GGUF files
     "qwen2": llama.QWEN2,  # Llama graph plus q/k/v biases; reads qwen2 GGUF files
     "qwen3": qwen3.ARCHITECTURE,
     "smollm3": smollm3.ARCHITECTURE,

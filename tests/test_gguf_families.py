@@ -142,10 +142,6 @@ GGUF_ARCHITECTURES = {
     "gemma3_text": gemma_gguf.GEMMA3_ARCHITECTURE,
     "phi3": phi3_gguf.ARCHITECTURE,
 }
-PHI3_BLOCKS_SLICED = (
-    "exporters/export.py hands the whole fused attn_qkv / ffn_up blocks to each row slice"
-    " (q, k, v; gate, up): the packed MatMulNBits Split does not match"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -375,7 +371,7 @@ def test_fp32_export_matches_numpy_forward(family, tmp_path, target):
 
 
 @pytest.mark.parametrize("kind,precision", [("Q8_0", "int8"), ("Q4_0", "int4")])
-def test_block_quantized_gguf_exports_losslessly(family, tmp_path, kind, precision, request):
+def test_block_quantized_gguf_exports_losslessly(family, tmp_path, kind, precision):
     """A Q8_0/Q4_0 file: the fp32 export equals the NumPy forward of the dequantized weights,
     and the int8/int4 export (its blocks as they are, float compute) equals the fp32 one."""
     name, config, _, _ = family
@@ -384,8 +380,6 @@ def test_block_quantized_gguf_exports_losslessly(family, tmp_path, kind, precisi
     export(path, tmp_path / "fp32", target="ort", last_logits_only=False)
     fp32 = export_steps(tmp_path / "fp32")
     assert_steps_close(fp32, numpy_steps(held, config), ATOL, f"{name} {kind} fp32")
-    if name == "phi3":  # the fp32 half above holds; the blocks half waits for export.py
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PHI3_BLOCKS_SLICED))
     export(
         path,
         tmp_path / precision,
