@@ -87,7 +87,10 @@ class Finding:
 
     @property
     def signature(self) -> str:
-        """What identifies the same bug across inputs (kind, error type, place)."""
+        """What identifies the same bug across inputs: kind, error type and place (a timeout's
+        place is wherever the alarm struck, so timeouts and memory excesses group by kind)."""
+        if self.kind in ("timeout", "memory"):
+            return f"{self.target}|{self.kind}"
         return f"{self.target}|{self.kind}|{self.error}|{self.where}"
 
     def to_json(self) -> dict[str, Any]:

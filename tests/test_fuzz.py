@@ -366,6 +366,21 @@ def test_gguf_checkpoint_finding(case: str, llama_gguf: bytes, scratch: Scratch)
     passes("gguf-checkpoint", _patched_u32(llama_gguf, key, value), scratch)
 
 
+@pytest.mark.xfail(strict=True, reason="exporters/gguf_tokenizer.py: reported, not ours to edit")
+def test_gguf_tokenizer_finding(tmp_path: Path, scratch: Scratch) -> None:
+    # a merge of a token that is not in the vocabulary: tokenizers raises a bare Exception
+    # ("Error while initializing BPE: Token `!` out of vocabulary"), not a ValueError
+    import gguf_files
+
+    tokenizer = json.loads(json.dumps(fuzz_targets.SEED_TOKENIZER))
+    tokenizer["model"]["merges"].append("a !")
+    config = fuzz_targets.SEED_LLAMA
+    weights = fuzz_targets.checkpoints.random_weights(config, seed=1)
+    path = tmp_path / "t.gguf"
+    gguf_files.write_gguf(path, config, weights, fuzz_targets.SEED_KINDS, tokenizer)
+    passes("gguf-checkpoint", path.read_bytes(), scratch)
+
+
 _LLAMA, _GPT2 = fuzz_targets.checkpoints.LLAMA, fuzz_targets.checkpoints.GPT2
 CONFIG_FINDINGS = {  # models/ (mid-rewrite): config edits that escape as other than ValueError
     "model_type-list": {**_LLAMA, "model_type": ["llama"]},  # TypeError: unhashable
