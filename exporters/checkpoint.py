@@ -119,6 +119,11 @@ def _read_sharded(directory: Path, index_path: Path) -> dict[str, TensorEntry]:
     headers: dict[str, dict[str, TensorEntry]] = {}
     tensors = {}
     for name, shard in sorted(weight_map.items()):
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index_path}: weight_map[{name!r}] must name a shard file in the checkpoint"
+                f" directory, got {shard!r}"
+            )
         if shard not in headers:
             shard_path = directory / shard
             if not shard_path.is_file():

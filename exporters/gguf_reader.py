@@ -79,6 +79,11 @@ class GGUFCheckpoint:
             self.config = self.spec.config(self.fields, self._need)
         except ValueError as error:
             raise CheckpointError(f"{self.path}: {error}") from None
+        except (TypeError, OverflowError, ZeroDivisionError) as error:
+            raise CheckpointError(
+                f"{self.path}: GGUF metadata of {arch} has a value of the wrong type or size"
+                f" ({error})"
+            ) from None
         self.tensors: dict[str, GGUFTensor] = {}
         for index, info in enumerate(self._file.tensors):
             name = hf_name(self.spec, info.name)
@@ -122,7 +127,14 @@ class GGUFCheckpoint:
         except ValueError as error:
             raise CheckpointError(f"{self.path}: tensor {tensor.gguf_name!r}: {error}") from None
         heads = self.permuted_heads(name)
-        return array if heads is None else unpermute_rows(array, heads)
+        if heads is None:
+            return array
+        if heads < 1 or array.shape[0] % (2 * heads):
+            raise CheckpointError(
+                f"{self.path}: tensor {tensor.gguf_name!r}: {array.shape[0]} rows do not split"
+                f" into {heads} heads of RoPE pairs (head counts in the metadata are wrong)"
+            )
+        return unpermute_rows(array, heads)
 
     def permuted_heads(self, name: str) -> int | None:
         """Head count whose RoPE permutation applies to ``name``'s rows, or None."""
@@ -172,3 +184,6 @@ class GGUFCheckpoint:
             return write_tokenizer_files(self.fields, out_dir)
         except ValueError as error:
             raise CheckpointError(f"{self.path}: {error}") from None
+        except Exception as error:  # the tokenizers library raises bare Exceptions
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"{self.path}: tokenizer metadata refused ({message})") from None

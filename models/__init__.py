@@ -74,11 +74,13 @@ REGISTRY: dict[str, Architecture] = {
 def architecture_for(config: Mapping[str, object]) -> Architecture:
     """The registered architecture for an HF ``config.json``; ValueError naming what is unknown."""
     model_type = config.get("model_type")
-    if model_type not in REGISTRY:
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise ValueError(f"config.json model_type {model_type!r} is not supported (known: {known})")
     architecture = REGISTRY[str(model_type)]
     declared = config.get("architectures") or []
+    if not isinstance(declared, list) or not all(isinstance(a, str) for a in declared):
+        raise ValueError(f"config.json architectures must be a list of names, got {declared!r}")
     unknown = [a for a in declared if a not in architecture.hf_architectures]
     if unknown:
         raise ValueError(

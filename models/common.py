@@ -32,17 +32,35 @@ def optional(config: Mapping[str, object], key: str, default: object) -> object:
     return default if value is None else value
 
 
-def integer(config: Mapping[str, object], *keys: str, default: object = None) -> int:
-    """An int config value (the first key present), ValueError naming the key otherwise."""
+# Sizes beyond these are not a model this exporter can build (and would only exhaust memory).
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 1024
+
+
+def _as_int(key: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json {key!r} must be an integer, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise ValueError(f"config.json {key!r} must be an integer, got {value!r}")
+    value = int(value)
+    if not minimum <= value <= MAX_SIZE:
+        raise ValueError(f"config.json {key!r} must be in [{minimum}, {MAX_SIZE}], got {value}")
+    if key in ("num_hidden_layers", "n_layer", "num_layers") and value > MAX_LAYERS:
+        raise ValueError(f"config.json {key!r} must be at most {MAX_LAYERS}, got {value}")
+    return value
+
+
+def integer(
+    config: Mapping[str, object], *keys: str, default: object = None, minimum: int = 1
+) -> int:
+    """An int config value (the first key present, at least ``minimum``), else ``default``;
+    ValueError naming the key for anything else (bools, fractions, infinities, huge)."""
     present = [k for k in keys if config.get(k) is not None]
     if not present:
         if default is None:
-            return int(require(config, *keys))  # raises, naming the keys
+            require(config, *keys)  # raises, naming the keys
         return int(default)
-    value = config[present[0]]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"config.json {present[0]!r} must be an integer, got {value!r}")
-    return int(value)
+    return _as_int(present[0], config[present[0]], minimum)
 
 
 def number(config: Mapping[str, object], key: str, default: float | None) -> float | None:
@@ -50,9 +68,20 @@ def number(config: Mapping[str, object], key: str, default: float | None) -> flo
     value = config.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    return finite(key, value)
+
+
+def finite(key: str, value: object) -> float:
+    """``value`` as a finite float; ValueError naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"config.json {key!r} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"config.json {key!r} is too large") from None
+    if not math.isfinite(result):
+        raise ValueError(f"config.json {key!r} must be a finite number, got {value!r}")
+    return result
 
 
 def refuse(config: Mapping[str, object], unsupported: Mapping[str, object]) -> None:
@@ -107,7 +136,7 @@ def layer_types(config: Mapping[str, object], count: int, default: str = FULL) -
         return [default] * count
     if not isinstance(types, list) or len(types) != count:
         raise ValueError(f"config.json layer_types must list {count} layer types, got {types!r}")
-    unknown = sorted({t for t in types if t not in (FULL, SLIDING)})
+    unknown = sorted({repr(t) for t in types if not isinstance(t, str) or t not in (FULL, SLIDING)})
     if unknown:
         raise ValueError(f"config.json layer_types {unknown} are not supported")
     return list(types)
@@ -148,11 +177,14 @@ def rope_spec(
     params = rope_parameters(config, layer_type)
     if rotary_dim is None:
         if partial is None:
-            partial = float(
-                params.get("partial_rotary_factor", optional(config, "partial_rotary_factor", 1.0))
+            partial = finite(
+                "partial_rotary_factor",
+                params.get("partial_rotary_factor", optional(config, "partial_rotary_factor", 1.0)),
             )
+        if not 0 < partial <= 1:
+            raise ValueError(f"config.json partial_rotary_factor must be in (0, 1], got {partial}")
         rotary_dim = int(head_dim * partial) // 2 * 2
-    theta = float(params.pop("rope_theta"))
+    theta = finite("rope_theta", params.pop("rope_theta"))
     params.pop("partial_rotary_factor", None)
     scaling = None if params["rope_type"] == "default" and len(params) == 1 else params
     original = config.get("original_max_position_embeddings")
@@ -161,7 +193,9 @@ def rope_spec(
         theta=theta,
         scaling=scaling,
         interleaved=interleaved,
-        original_context=None if original is None else int(original),
+        original_context=None
+        if original is None
+        else _as_int("original_max_position_embeddings", original, 1),
         context=integer(config, "max_position_embeddings", default=2048),
     )
 

@@ -306,6 +306,11 @@ def gguf_common_config(fields: Mapping[str, object], arch: str, need) -> dict:
     reads a required key (raising the reader's one-line error when absent)."""
     heads = int(need(f"{arch}.attention.head_count"))
     hidden = int(need(f"{arch}.embedding_length"))
+    if heads < 1 or hidden < 1:
+        raise ValueError(
+            f"GGUF metadata {arch}.attention.head_count={heads} / {arch}.embedding_length="
+            f"{hidden} must be positive"
+        )
     tokens = fields.get("tokenizer.ggml.tokens")
     vocab = fields.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     if vocab is None:
