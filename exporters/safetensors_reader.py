@@ -136,8 +136,10 @@ def load_float32(entry: TensorEntry) -> np.ndarray:
         shape=entry.shape,
     )
     try:
-        if entry.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if entry.dtype == "BF16":  # the float32 bits are the bf16 bits shifted up: one copy
+            widened = raw.astype(np.uint32)
+            widened <<= 16
+            return widened.view(np.float32)
         return np.array(raw, dtype=np.float32)
     finally:
         del raw
