@@ -14,7 +14,9 @@ from graphattn.models.common import (
     number,
     optional,
     plain,
+    plain_mlp_weights,
     refuse,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -52,9 +54,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         final_norm=norm,
         embedding_norm=norm,
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
     )
 
 
@@ -96,10 +96,7 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
             )
         plan[f"{role}.o.weight"] = linear(f"{p}.self_attention.dense.weight", c, c)
         plan[f"{role}.o.bias"] = plain(f"{p}.self_attention.dense.bias", (c,))
-        plan[f"{role}.mlp.fc_weight"] = linear(f"{p}.mlp.dense_h_to_4h.weight", f, c)
-        plan[f"{role}.mlp.fc_bias"] = plain(f"{p}.mlp.dense_h_to_4h.bias", (f,))
-        plan[f"{role}.mlp.proj_weight"] = linear(f"{p}.mlp.dense_4h_to_h.weight", c, f)
-        plan[f"{role}.mlp.proj_bias"] = plain(f"{p}.mlp.dense_4h_to_h.bias", (c,))
+        plain_mlp_weights(plan, role, f"{p}.mlp.dense_h_to_4h", f"{p}.mlp.dense_4h_to_h", f, c)
     return plan
 
 

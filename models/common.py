@@ -274,3 +274,24 @@ def alibi_slopes(heads: int) -> tuple[float, ...]:
         remaining = min(closest, heads - closest)
         slopes += [extra**power for power in range(1, 2 * remaining, 2)]
     return tuple(slopes)
+
+
+def token_ids(config: Mapping[str, object]) -> dict[str, object]:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for ModelConfig (None if absent)."""
+    return {key: optional(config, key, None) for key in TOKEN_ID_KEYS}
+
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def plain_mlp_weights(
+    plan: dict, role: str, fc: str, proj: str, width: int, hidden: int, biases: bool = True
+) -> None:
+    """A non-gated MLP's roles (``mlp.fc_weight`` ``[hidden, width]``, ``mlp.proj_weight``
+    ``[width, hidden]``, and their biases when ``biases``) from torch Linears ``fc``/``proj``
+    (module paths without ``.weight``)."""
+    plan[f"{role}.mlp.fc_weight"] = linear(f"{fc}.weight", width, hidden)
+    plan[f"{role}.mlp.proj_weight"] = linear(f"{proj}.weight", hidden, width)
+    if biases:
+        plan[f"{role}.mlp.fc_bias"] = plain(f"{fc}.bias", (width,))
+        plan[f"{role}.mlp.proj_bias"] = plain(f"{proj}.bias", (hidden,))

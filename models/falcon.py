@@ -38,6 +38,7 @@ from graphattn.models.common import (
     rope_parameters,
     rope_spec,
     tied_head,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -145,9 +146,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         layers=(layer,) * integer(config, "num_hidden_layers"),
         final_norm=norm,
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
         extra={
             "bias": bool(optional(config, "bias", False)),
             "norm_modules": _norm_modules(new, parallel, num_ln),

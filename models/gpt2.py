@@ -6,7 +6,15 @@ fix-up: it is split into q/k/v column blocks at export time.
 
 from collections.abc import Mapping
 
-from graphattn.models.common import ACTIVATIONS, activation, integer, number, optional, plain
+from graphattn.models.common import (
+    ACTIVATIONS,
+    activation,
+    integer,
+    number,
+    optional,
+    plain,
+    token_ids,
+)
 from graphattn.spec import (
     Architecture,
     AttentionSpec,
@@ -49,9 +57,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         final_norm=norm,
         positions="learned",
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
     )
 
 

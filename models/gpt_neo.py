@@ -20,7 +20,9 @@ from graphattn.models.common import (
     number,
     optional,
     plain,
+    plain_mlp_weights,
     tied_head,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -91,9 +93,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         final_norm=norm,
         positions="learned",
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
     )
 
 
@@ -117,10 +117,7 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
             plan[f"{role}.{part}.weight"] = linear(f"{a}.{part}_proj.weight", c, c)
         plan[f"{role}.o.weight"] = linear(f"{a}.out_proj.weight", c, c)
         plan[f"{role}.o.bias"] = plain(f"{a}.out_proj.bias", (c,))
-        plan[f"{role}.mlp.fc_weight"] = linear(f"{p}.mlp.c_fc.weight", f, c)
-        plan[f"{role}.mlp.fc_bias"] = plain(f"{p}.mlp.c_fc.bias", (f,))
-        plan[f"{role}.mlp.proj_weight"] = linear(f"{p}.mlp.c_proj.weight", c, f)
-        plan[f"{role}.mlp.proj_bias"] = plain(f"{p}.mlp.c_proj.bias", (c,))
+        plain_mlp_weights(plan, role, f"{p}.mlp.c_fc", f"{p}.mlp.c_proj", f, c)
     return plan
 
 

@@ -22,7 +22,9 @@ from graphattn.models.common import (
     number,
     optional,
     plain,
+    plain_mlp_weights,
     tied_head,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -83,9 +85,7 @@ def model_config(config: Mapping[str, object], model_type: str) -> ModelConfig:
         layers=layers,
         final_norm=layers[0].norms["attn_norm"],
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", False)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
     )
 
 
@@ -111,10 +111,7 @@ def model_weights(cfg: ModelConfig) -> dict[str, WeightSource]:
         plan[f"{role}.attn_norm.weight"] = plain(f"{p}.ln_1.weight", (c,))
         plan[f"{role}.attn_norm.bias"] = plain(f"{p}.ln_1.bias", (c,))
         plan[f"{role}.o.weight"] = linear(f"{p}.attn.out_proj.weight", c, c)
-        plan[f"{role}.mlp.fc_weight"] = linear(f"{p}.mlp.fc_in.weight", f, c)
-        plan[f"{role}.mlp.fc_bias"] = plain(f"{p}.mlp.fc_in.bias", (f,))
-        plan[f"{role}.mlp.proj_weight"] = linear(f"{p}.mlp.fc_out.weight", c, f)
-        plan[f"{role}.mlp.proj_bias"] = plain(f"{p}.mlp.fc_out.bias", (c,))
+        plain_mlp_weights(plan, role, f"{p}.mlp.fc_in", f"{p}.mlp.fc_out", f, c)
     return plan
 
 

@@ -31,6 +31,7 @@ from graphattn.models.common import (
     refuse,
     rope_spec,
     tied_head,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -94,9 +95,7 @@ def model_config(
         layers=tuple(layers),
         final_norm=final_norm,
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", kw.pop("tied", False))),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
         **kw,
     )
 

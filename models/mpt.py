@@ -35,6 +35,7 @@ from graphattn.models.common import (
     sliced_bias,
     sliced_linear,
     tied_head,
+    token_ids,
 )
 from graphattn.spec import (
     Architecture,
@@ -129,9 +130,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         layers=(layer,) * integer(config, "n_layers", "num_hidden_layers"),
         final_norm=norm,
         tie_word_embeddings=bool(optional(config, "tie_word_embeddings", True)),
-        bos_token_id=optional(config, "bos_token_id", None),
-        eos_token_id=optional(config, "eos_token_id", None),
-        pad_token_id=optional(config, "pad_token_id", None),
+        **token_ids(config),
         extra={"no_bias": bool(optional(config, "no_bias", True))},
     )
 

@@ -18,6 +18,7 @@ from graphattn.models.common import (
     norm_spec,
     optional,
     plain,
+    plain_mlp_weights,
     rope_parameters,
     rope_spec,
     tied_head,
@@ -92,10 +93,7 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
             plan[f"{role}.{part}.bias"] = plain(f"{name}.bias", (width,))
         plan[f"{role}.o.weight"] = linear(f"{p}.self_attn.dense.weight", c, q)
         plan[f"{role}.o.bias"] = plain(f"{p}.self_attn.dense.bias", (c,))
-        plan[f"{role}.mlp.fc_weight"] = linear(f"{p}.mlp.fc1.weight", f, c)
-        plan[f"{role}.mlp.fc_bias"] = plain(f"{p}.mlp.fc1.bias", (f,))
-        plan[f"{role}.mlp.proj_weight"] = linear(f"{p}.mlp.fc2.weight", c, f)
-        plan[f"{role}.mlp.proj_bias"] = plain(f"{p}.mlp.fc2.bias", (c,))
+        plain_mlp_weights(plan, role, f"{p}.mlp.fc1", f"{p}.mlp.fc2", f, c)
     return plan
 
 
