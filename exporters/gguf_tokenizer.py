@@ -1,9 +1,18 @@
 """Build a ``tokenizers`` tokenizer (tokenizer.json) from a GGUF's ``tokenizer.ggml.*`` data.
 
-Supported: ``tokenizer.ggml.model = gpt2`` (byte-level BPE) with pre-tokenizers ``default`` /
-``gpt2`` (GPT-2 regex), ``smollm`` (each digit alone, then the GPT-2 regex) and ``llama-bpe``
-(the Llama-3 regex). Control tokens (type 3) become special added tokens, user-defined ones
-(type 4) plain added tokens.
+Supported: ``tokenizer.ggml.model = gpt2`` (byte-level BPE) with the pre-tokenizers in
+:data:`PRE_TOKENIZERS`, each named as llama.cpp's ``llama-vocab.cpp`` names it and split with
+the regex llama.cpp uses for that name:
+
+- ``default`` / ``gpt2`` / ``gpt-2``: the GPT-2 regex;
+- ``smollm``: each digit alone, then the GPT-2 regex;
+- ``llama-bpe`` / ``llama3`` / ``llama-v3`` / ``falcon3``: the Llama-3 regex (digits in runs of
+  up to three), and a word found whole in the vocabulary is one token (``ignore_merges``);
+- ``qwen2`` / ``deepseek-r1-qwen``: the Llama-3 regex with single digits (Qwen2 and Qwen3).
+
+Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added
+tokens. Metadata of a kind not built here raises :class:`UnsupportedTokenizerError`; metadata
+that is corrupt raises :class:`ValueError` (or the library's bare ``Exception``).
 """
 
 from __future__ import annotations
@@ -14,37 +23,92 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from graphattn.exporters.safetensors_reader import CheckpointError
+
 CONTROL, USER_DEFINED = 3, 4
+_GPT2, _SMOLLM, _LLAMA3, _QWEN2 = "gpt2", "smollm", "llama3", "qwen2"
+# tokenizer.ggml.pre → the split it names (llama.cpp's llama-vocab.cpp, name → pre type → regex)
+PRE_TOKENIZERS = {
+    "default": _GPT2,
+    "gpt2": _GPT2,
+    "gpt-2": _GPT2,
+    "smollm": _SMOLLM,
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "qwen2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+}
+# The models' own tokenizer.json regexes (llama.cpp runs hand-expanded copies of these).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's clean_spaces = false for these: decoding keeps " ." and " 's" as they are
+_NO_CLEAN_UP = (_SMOLLM, _QWEN2)
+
+
+class UnsupportedTokenizerError(CheckpointError):
+    """The GGUF's tokenizer metadata is of a kind not built here (not corrupt): an export can
+    still write the graph, without tokenizer files. ``reason`` names the key and its value."""
+
+    def __init__(self, reason: str, path: Path | str | None = None) -> None:
+        super().__init__(reason if path is None else f"{path}: {reason}")
+        self.reason, self.path = reason, path
+
+    def warning(self) -> str:
+        """The one line an export reports instead of failing."""
+        where = f"{self.path}: " if self.path is not None else ""
+        return f"{where}tokenizer not written ({self.reason}); pass the model's HF tokenizer files"
+
+
+def pre_tokenizer_kind(fields: Mapping[str, object]) -> str:
+    """The split named by ``tokenizer.ggml.pre`` (default ``default``), or
+    :class:`UnsupportedTokenizerError`."""
+    name = fields.get("tokenizer.ggml.pre", "default")
+    kind = PRE_TOKENIZERS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise UnsupportedTokenizerError(
+            f"GGUF tokenizer.ggml.pre {name!r} is not supported"
+            f" (known: {', '.join(PRE_TOKENIZERS)})"
+        )
+    return kind
 
 
 def _pre_tokenizer(kind: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if kind in ("default", "gpt2"):
+    if kind == _GPT2:
         return byte_level
-    if kind == "smollm":
+    if kind == _SMOLLM:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if kind == "llama-bpe":
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False)
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    raise ValueError(
-        f"GGUF tokenizer.ggml.pre {kind!r} is not supported"
-        " (known: default, gpt2, smollm, llama-bpe)"
+    split = _LLAMA3_SPLIT if kind == _LLAMA3 else _QWEN2_SPLIT
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
+
+
+def check_supported(fields: Mapping[str, object]) -> str:
+    """The pre-tokenizer kind if ``fields`` describe a tokenizer built here, else
+    :class:`UnsupportedTokenizerError` naming the key."""
+    model_kind = fields.get("tokenizer.ggml.model")
+    if model_kind != "gpt2":
+        raise UnsupportedTokenizerError(
+            f"GGUF tokenizer.ggml.model {model_kind!r} is not supported (only gpt2 BPE)"
+        )
+    return pre_tokenizer_kind(fields)
 
 
 def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
     """The tokenizer described by GGUF metadata ``fields`` (key → value)."""
-    model_kind = fields.get("tokenizer.ggml.model")
-    if model_kind != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer.ggml.model {model_kind!r} is not supported (only gpt2 BPE)"
-        )
+    pre = check_supported(fields)
     tokens = list(fields["tokenizer.ggml.tokens"])
     merges = []
     for merge in fields.get("tokenizer.ggml.merges", []):
@@ -53,14 +117,16 @@ def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF tokenizer.ggml.tokens holds duplicate tokens")
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer(str(fields.get("tokenizer.ggml.pre", "default")))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre == _LLAMA3)
+    )
+    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
     tokenizer.decoder = decoders.ByteLevel()
     types = list(fields.get("tokenizer.ggml.token_type", []))
     added = [
-        AddedToken(tokens[i], special=kind == CONTROL, normalized=False)
-        for i, kind in enumerate(types)
-        if kind in (CONTROL, USER_DEFINED)
+        AddedToken(tokens[i], special=token_type == CONTROL, normalized=False)
+        for i, token_type in enumerate(types)
+        if token_type in (CONTROL, USER_DEFINED)
     ]
     if added:
         tokenizer.add_tokens(added)
@@ -78,9 +144,10 @@ def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
 
 
 def write_tokenizer_files(fields: Mapping[str, object], out_dir: Path) -> list[str]:
-    """Write tokenizer.json and tokenizer_config.json (chat template, special tokens)."""
+    """Write tokenizer.json and tokenizer_config.json (chat template, special tokens).
+
+    Nothing is written when the tokenizer cannot be built."""
     tokenizer = build_tokenizer(fields)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
     tokens = fields["tokenizer.ggml.tokens"]
 
     def token(key: str) -> str | None:
@@ -95,7 +162,10 @@ def write_tokenizer_files(fields: Mapping[str, object], out_dir: Path) -> list[s
         "unk_token": token("tokenizer.ggml.unknown_token_id"),
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
+    if check_supported(fields) in _NO_CLEAN_UP:
+        config["clean_up_tokenization_spaces"] = False
     if fields.get("tokenizer.chat_template"):
         config["chat_template"] = str(fields["tokenizer.chat_template"])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return ["tokenizer.json", "tokenizer_config.json"]

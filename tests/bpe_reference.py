@@ -1,11 +1,24 @@
 """An independent byte-level BPE encoder (GPT-2 style), written from the algorithm: used to
-check the tokenizer we build from GGUF metadata. Needs the ``regex`` package for \\p{...}."""
+check the tokenizer we build from GGUF metadata. Needs the ``regex`` package for \\p{...}.
+
+Pre-tokenizers (``pre``): ``gpt2`` (the default), ``smollm`` (digits alone first), and
+``llama-bpe`` / ``qwen2``, split as llama.cpp's llama-vocab.cpp does (its hand-expanded
+spelling of the regexes, ``'[sS]`` for ``(?i:'s)``): Llama-3 keeps runs of up to three
+digits, Qwen2 one digit; ``ignore_merges`` takes a word found whole in the vocabulary as one
+token (llama.cpp sets it for Llama-3)."""
 
 import regex
 
 GPT2_SPLIT = regex.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
+
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLITS = {
+    "llama-bpe": regex.compile(_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}" + _REST),
+    "qwen2": regex.compile(_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}" + _REST),
+}
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -22,7 +35,8 @@ def byte_alphabet() -> dict[int, str]:
 
 
 class ByteBPE:
-    def __init__(self, tokens, merges, specials, pre="gpt2"):
+    def __init__(self, tokens, merges, specials, pre="gpt2", ignore_merges=False):
+        self.ignore_merges = ignore_merges
         self.ids = {token: index for index, token in enumerate(tokens)}
         self.ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
         self.specials = sorted(specials, key=len, reverse=True)
@@ -31,6 +45,8 @@ class ByteBPE:
 
     def _word(self, word: str) -> list[int]:
         symbols = [self.alphabet[b] for b in word.encode("utf-8")]
+        if self.ignore_merges and "".join(symbols) in self.ids:
+            return [self.ids["".join(symbols)]]
         while len(symbols) > 1:
             pairs = [
                 (self.ranks.get((a, b), float("inf")), i)
@@ -52,6 +68,8 @@ class ByteBPE:
         return [self.ids[s] for s in symbols]
 
     def _pieces(self, text: str) -> list[str]:
+        if self.pre in SPLITS:
+            return SPLITS[self.pre].findall(text)
         chunks = regex.split(r"(\p{N})", text) if self.pre == "smollm" else [text]
         pieces = []
         for chunk in chunks:
