@@ -114,5 +114,19 @@ def build_decoder(
         g.output(present_key, f"present.{i}.key", dtype, present_shape)
         g.output(present_value, f"present.{i}.value", dtype, present_shape)
     model = g.model(producer_version=__version__)
-    model.metadata_props[CONTEXT_KEY] = str(cfg.context_length)
+    model.metadata_props[CONTEXT_KEY] = str(supported_context(cfg))
     return model
+
+
+def supported_context(cfg: ModelConfig) -> int:
+    """Positions the graph supports: the config's context, times the factor of a dynamic
+    (NTK) RoPE, whose point is to run past ``max_position_embeddings`` (the rotary tables of
+    the other layers must reach as far)."""
+    context = cfg.context_length
+    for layer in cfg.layers:
+        rope = layer.attention.rope
+        scaling = dict(rope.scaling or {}) if rope is not None else {}
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind == "dynamic" and isinstance(scaling.get("factor"), (int, float)):
+            context = max(context, int(cfg.context_length * float(scaling["factor"])))
+    return context

@@ -82,3 +82,28 @@ def test_layer_types_of_the_wrong_length_are_refused():
     config = {**QWEN3, "layer_types": ["full_attention"]}
     with pytest.raises(ValueError, match="layer_types"):
         architecture_for(config).config_from_hf(config)
+
+
+def test_dynamic_rope_on_some_layers_keeps_the_others_tables_long_enough(tmp_path):
+    """Gemma 3 with dynamic NTK on its global layers (Attention: frequencies change per call)
+    and default RoPE on its sliding layers (GroupQueryAttention with fixed cos/sin tables):
+    generation runs past max_position_embeddings, where dynamic RoPE is meant to work, so the
+    kernel's tables must reach as far (context × factor), and HF agrees at every step."""
+    from test_family_gemma import GEMMA3_TEXT
+
+    config = {
+        **GEMMA3_TEXT,
+        "max_position_embeddings": 10,  # prefill 9, then 4 steps: positions up to 12
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        },
+    }
+    exports = families.check_family(tmp_path, config, targets=("ort",), numpy_check=False)
+    decisions = families.lowering(exports["ort"])
+    assert [d["kernel"] for d in decisions] == ["GroupQueryAttention", "Attention"] + [
+        "GroupQueryAttention"
+    ]
+    model = onnx.load(str(exports["ort"] / "model.onnx"), load_external_data=False)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["graphattn.context_length"] == "20"
