@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,14 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, load
             file.write(array.tobytes())
 
 
-def convert(checkpoint: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write the HF layout of ``checkpoint`` into ``out_dir``; returns the written paths."""
-    from graphattn.exporters.export import open_source
+def convert(
+    checkpoint: str | Path, out_dir: str | Path, *, notes: list[str] | None = None
+) -> list[Path]:
+    """Write the HF layout of ``checkpoint`` into ``out_dir``; returns the written paths.
+
+    A tokenizer of a kind we cannot build is left out with a one-line warning: appended to
+    ``notes`` when given, else issued with :func:`warnings.warn`."""
+    from graphattn.exporters.export import open_source, write_tokenizer_or_warn
 
     source = open_source(checkpoint)
     names = sorted(source.tensors)
@@ -50,5 +56,11 @@ def convert(checkpoint: str | Path, out_dir: str | Path) -> list[Path]:
     with staged_directory(out_dir, markers=("config.json",)) as staging:
         (staging / "config.json").write_text(json.dumps(source.config, indent=2) + "\n")
         write_safetensors_streaming(staging / "model.safetensors", names, shapes, source.load)
-        written = ["config.json", "model.safetensors", *source.write_tokenizer(staging)]
+        tokenizer_files, messages = write_tokenizer_or_warn(source, staging)
+        written = ["config.json", "model.safetensors", *tokenizer_files]
+    for message in messages:
+        if notes is not None:
+            notes.append(message)
+        else:
+            warnings.warn(message, stacklevel=2)
     return [Path(out_dir).absolute() / name for name in written]

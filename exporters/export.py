@@ -60,6 +60,7 @@ class ExportResult:
     config: ModelConfig | None = None
     parameters: int = 0
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. tokenizer not written
 
     @property
     def paths(self) -> list[Path]:
@@ -180,6 +181,17 @@ def _block_rows(blocks, span: tuple[int, int] | None):
     )
 
 
+def write_tokenizer_or_warn(source, out_dir: Path) -> tuple[list[str], list[str]]:
+    """(tokenizer files written, warnings): a tokenizer of a kind we cannot build (a GGUF's
+    :class:`UnsupportedTokenizerError`) is one warning and no files; anything else raises."""
+    from graphattn.exporters.gguf_tokenizer import UnsupportedTokenizerError
+
+    try:
+        return source.write_tokenizer(out_dir), []
+    except UnsupportedTokenizerError as error:
+        return [], [error.warning()]
+
+
 def save_model(model: ir.Model, directory: Path, callback=None) -> None:
     """Write ``model.onnx`` + one ``model.onnx.data`` into ``directory``."""
     ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE, **_save_options(callback))
@@ -289,7 +301,7 @@ def export(
         save_model(model, staging, callback)
         config = describe_graph(genai_config(cfg, architecture.genai_type or cfg.model_type), model)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copied = source.write_tokenizer(staging)
+        copied, warnings = write_tokenizer_or_warn(source, staging)
         model_file, data_file, moved = MODEL_FILE, DATA_FILE, []
         if layout == "transformers.js":
             moved = arrange(staging, source.config, cfg, precision)
@@ -308,6 +320,7 @@ def export(
         config=cfg,
         parameters=parameters,
         seconds=time.perf_counter() - started,
+        warnings=warnings,
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from graphattn.exporters.gguf_dequant import dequantize, q4_parts, q8_0_parts
 from graphattn.exporters.gguf_format import GGUFFormatError, read_gguf
-from graphattn.exporters.gguf_tokenizer import write_tokenizer_files
+from graphattn.exporters.gguf_tokenizer import UnsupportedTokenizerError, write_tokenizer_files
 from graphattn.exporters.safetensors_reader import CheckpointError
 from graphattn.models import gguf_spec_for
 from graphattn.spec import GGUFSpec
@@ -177,11 +177,17 @@ class GGUFCheckpoint:
         )
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
-        """tokenizer.json + tokenizer_config.json built from the GGUF's tokenizer metadata."""
+        """tokenizer.json + tokenizer_config.json built from the GGUF's tokenizer metadata.
+
+        Metadata of a kind not built here raises :class:`UnsupportedTokenizerError` (a
+        :class:`CheckpointError`; an export catches it and goes on without tokenizer files);
+        corrupt metadata raises a plain :class:`CheckpointError`. Nothing is written then."""
         if "tokenizer.ggml.tokens" not in self.fields:
             return []
         try:
             return write_tokenizer_files(self.fields, out_dir)
+        except UnsupportedTokenizerError as error:
+            raise UnsupportedTokenizerError(error.reason, self.path) from None
         except ValueError as error:
             raise CheckpointError(f"{self.path}: {error}") from None
         except Exception as error:  # the tokenizers library raises bare Exceptions

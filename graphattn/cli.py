@@ -201,6 +201,8 @@ def _export(args: argparse.Namespace) -> int:
         f"exported {cfg.model_type}: {cfg.num_layers} layers, {result.parameters:,} parameters,"
         f" {sizes}, {result.seconds:.1f} s -> {result.out_dir}"
     )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -235,8 +237,11 @@ def _convert_command(subparsers: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from graphattn.exporters.convert import convert
 
-    for path in convert(args.checkpoint, args.output):
+    notes: list[str] = []
+    for path in convert(args.checkpoint, args.output, notes=notes):
         print(path)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,12 @@
 """GGUF tokenizers beyond GPT-2's split, each checked against the independent encoder in
 ``bpe_reference``: the ``qwen2`` and ``llama-bpe`` pre-tokenizers (and their llama.cpp
-aliases)."""
+aliases), and what an export does with tokenizer metadata it cannot build."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,14 @@ from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from graphattn import export  # noqa: E402
+from graphattn.exporters.convert import convert  # noqa: E402
+from graphattn.exporters.gguf_reader import GGUFCheckpoint  # noqa: E402
 from graphattn.exporters.gguf_tokenizer import (  # noqa: E402
     PRE_TOKENIZERS,
+    UnsupportedTokenizerError,
     build_tokenizer,
 )
+from graphattn.exporters.safetensors_reader import CheckpointError  # noqa: E402
 from graphattn.runtime import Tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -159,6 +165,7 @@ def _write(path: Path, vocabulary, monkeypatch, pre: str = "qwen2", model: str =
 def test_qwen2_gguf_exports_a_tokenizer_that_matches(vocabulary, tmp_path, monkeypatch):
     path = _write(tmp_path / "qwen.gguf", vocabulary, monkeypatch, pre="qwen2")
     result = export(path, tmp_path / "onnx")
+    assert result.warnings == []
     assert sorted(p.name for p in result.tokenizer_files) == [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -171,3 +178,62 @@ def test_qwen2_gguf_exports_a_tokenizer_that_matches(vocabulary, tmp_path, monke
         assert ours.decode(ids, skip_special_tokens=False) == text
     config = json.loads((tmp_path / "onnx" / "tokenizer_config.json").read_text())
     assert config["clean_up_tokenization_spaces"] is False
+
+
+UNSUPPORTED = {
+    "pre": ("qwen2", "xyz", "GGUF tokenizer.ggml.pre 'xyz' is not supported"),
+    "model": ("bert", "default", "GGUF tokenizer.ggml.model 'bert' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_tokenizer_exports_the_graph_with_a_warning(
+    vocabulary, tmp_path, monkeypatch, case
+):
+    model, pre, reason = UNSUPPORTED[case]
+    model = "gpt2" if case == "pre" else model
+    path = _write(tmp_path / "odd.gguf", vocabulary, monkeypatch, pre=pre, model=model)
+    with pytest.raises(UnsupportedTokenizerError, match=reason):  # the reader itself still refuses
+        GGUFCheckpoint(path).write_tokenizer(tmp_path)
+    result = export(path, tmp_path / "onnx")
+    expected = f"{path}: tokenizer not written ({reason}"
+    assert len(result.warnings) == 1 and result.warnings[0].startswith(expected)
+    assert result.warnings[0].endswith("); pass the model's HF tokenizer files")
+    assert result.tokenizer_files == []
+    names = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert names == ["genai_config.json", "model.onnx", "model.onnx.data"]
+    done = subprocess.run(
+        [sys.executable, "-m", "graphattn", "export", str(path), "-o", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {result.warnings[0]}"]
+    assert (tmp_path / "cli" / "model.onnx").is_file()
+    assert not (tmp_path / "cli" / "tokenizer.json").exists()
+    notes: list[str] = []
+    paths = convert(path, tmp_path / "hf", notes=notes)
+    assert sorted(p.name for p in paths) == ["config.json", "model.safetensors"]
+    assert notes == result.warnings
+    done = subprocess.run(
+        [sys.executable, "-m", "graphattn", "convert", str(path), "-o", str(tmp_path / "hf2")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"warning: {result.warnings[0]}"]
+
+
+def test_corrupt_tokenizer_metadata_still_fails_the_export(vocabulary, tmp_path, monkeypatch):
+    tokens, merges, types = vocabulary
+    broken = (tokens, [*merges, "a !!!"], types)  # a merge of a token not in the vocabulary
+    path = _write(tmp_path / "bad.gguf", broken, monkeypatch, pre="qwen2")
+    with pytest.raises(CheckpointError, match="tokenizer metadata refused") as raised:
+        export(path, tmp_path / "onnx")
+    assert not isinstance(raised.value, UnsupportedTokenizerError)
+    assert not (tmp_path / "onnx").exists()
+    with pytest.raises(CheckpointError, match="tokenizer metadata refused"):
+        convert(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
