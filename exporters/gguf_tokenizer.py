@@ -10,6 +10,11 @@ the regex llama.cpp uses for that name:
   up to three), and a word found whole in the vocabulary is one token (``ignore_merges``);
 - ``qwen2`` / ``deepseek-r1-qwen``: the Llama-3 regex with single digits (Qwen2 and Qwen3).
 
+``tokenizer.ggml.model = llama`` (SentencePiece, as Llama-2, Gemma and Phi-3 files carry) is
+a BPE with byte fallback (``<0xNN>`` tokens) whose merges come from the scores, so the
+highest-scoring merge is taken first as SentencePiece and llama.cpp do; spaces are "▁" and each
+text run gets a leading one unless ``tokenizer.ggml.add_space_prefix`` is false (Gemma).
+
 Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added
 tokens. Metadata of a kind not built here raises :class:`UnsupportedTokenizerError`; metadata
 that is corrupt raises :class:`ValueError` (or the library's bare ``Exception``).
@@ -21,11 +26,20 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from graphattn.exporters.safetensors_reader import CheckpointError
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 _GPT2, _SMOLLM, _LLAMA3, _QWEN2 = "gpt2", "smollm", "llama3", "qwen2"
 # tokenizer.ggml.pre → the split it names (llama.cpp's llama-vocab.cpp, name → pre type → regex)
 PRE_TOKENIZERS = {
@@ -95,15 +109,80 @@ def _pre_tokenizer(kind: str):
     )
 
 
+_SPM = "sentencepiece"
+
+
 def check_supported(fields: Mapping[str, object]) -> str:
-    """The pre-tokenizer kind if ``fields`` describe a tokenizer built here, else
-    :class:`UnsupportedTokenizerError` naming the key."""
+    """The pre-tokenizer kind (``sentencepiece`` for ``llama``) if ``fields`` describe a
+    tokenizer built here, else :class:`UnsupportedTokenizerError` naming the key."""
     model_kind = fields.get("tokenizer.ggml.model")
+    if model_kind == "llama":
+        if fields.get("tokenizer.ggml.remove_extra_whitespaces"):
+            raise UnsupportedTokenizerError(
+                "GGUF tokenizer.ggml.remove_extra_whitespaces is not supported"
+            )
+        return _SPM
     if model_kind != "gpt2":
         raise UnsupportedTokenizerError(
-            f"GGUF tokenizer.ggml.model {model_kind!r} is not supported (only gpt2 BPE)"
+            f"GGUF tokenizer.ggml.model {model_kind!r} is not supported"
+            " (known: gpt2 byte-level BPE, llama SentencePiece)"
         )
     return pre_tokenizer_kind(fields)
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]):
+    """BPE merges equivalent to SentencePiece's greedy encoding (llama.cpp's SPM tokenizer):
+    every split of a normal piece into two normal pieces, the merged piece's score deciding
+    the order (highest first, then the lower id)."""
+    normal = {
+        token: index
+        for index, token in enumerate(tokens)
+        if (types[index] if index < len(types) else NORMAL) == NORMAL
+    }
+    ranked = []
+    for token, index in normal.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in normal and right in normal:
+                ranked.append((-float(scores[index]), index, cut, (left, right)))
+    ranked.sort()
+    return [pair for *_, pair in ranked]
+
+
+def _sentencepiece(fields: Mapping[str, object], tokens: list[str]) -> Tokenizer:
+    """A BPE with byte fallback whose merges come from the scores; spaces become "▁" and,
+    unless ``tokenizer.ggml.add_space_prefix`` is false, each text run starts with one."""
+    scores = list(fields.get("tokenizer.ggml.scores", []))
+    if len(scores) != len(tokens):
+        raise ValueError(
+            f"GGUF tokenizer.ggml.scores holds {len(scores)} values for {len(tokens)} tokens"
+        )
+    types = list(fields.get("tokenizer.ggml.token_type", []))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=sentencepiece_merges(tokens, scores, types),
+            unk_token=None if unk is None else tokens[int(unk)],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "\u2581")
+    tokenizer.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return tokenizer
+
+
+def add_bos_token(fields: Mapping[str, object]) -> bool:
+    """``tokenizer.ggml.add_bos_token``; llama.cpp's default where it is missing (true for
+    SentencePiece, false for BPE)."""
+    return bool(fields.get("tokenizer.ggml.add_bos_token", check_supported(fields) == _SPM))
 
 
 def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
@@ -117,11 +196,14 @@ def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF tokenizer.ggml.tokens holds duplicate tokens")
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre == _LLAMA3)
-    )
-    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
-    tokenizer.decoder = decoders.ByteLevel()
+    if pre == _SPM:
+        tokenizer = _sentencepiece(fields, tokens)
+    else:
+        tokenizer = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre == _LLAMA3)
+        )
+        tokenizer.pre_tokenizer = _pre_tokenizer(pre)
+        tokenizer.decoder = decoders.ByteLevel()
     types = list(fields.get("tokenizer.ggml.token_type", []))
     added = [
         AddedToken(tokens[i], special=token_type == CONTROL, normalized=False)
@@ -131,14 +213,14 @@ def build_tokenizer(fields: Mapping[str, object]) -> Tokenizer:
     if added:
         tokenizer.add_tokens(added)
     bos = fields.get("tokenizer.ggml.bos_token_id")
-    if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    if add_bos_token(fields) and bos is not None:
         bos_token = tokens[int(bos)]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A",
             pair=f"{bos_token} $A {bos_token} $B",
             special_tokens=[(bos_token, int(bos))],
         )
-    else:
+    elif pre != _SPM:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
 
@@ -155,7 +237,7 @@ def write_tokenizer_files(fields: Mapping[str, object], out_dir: Path) -> list[s
         return None if index is None else str(tokens[int(index)])
 
     config = {
-        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": add_bos_token(fields),
         "bos_token": token("tokenizer.ggml.bos_token_id"),
         "eos_token": token("tokenizer.ggml.eos_token_id"),
         "pad_token": token("tokenizer.ggml.padding_token_id"),

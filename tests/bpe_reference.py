@@ -91,3 +91,55 @@ class ByteBPE:
                 for piece in self._pieces(part):
                     ids.extend(self._word(piece))
         return ids
+
+
+class SentencePieceBPE:
+    """SentencePiece-style BPE, written from the algorithm: spaces become "▁" (one prepended
+    to each text run when ``add_space_prefix``), then adjacent symbols are merged greedily,
+    each step taking the pair whose concatenation is the highest-scoring normal piece (the
+    leftmost on a tie); a symbol left outside the vocabulary becomes its UTF-8 bytes as
+    ``<0xNN>`` tokens. Control tokens in the text are matched first, as they are."""
+
+    def __init__(self, tokens, scores, types, add_space_prefix=True, bos=None):
+        self.ids = {token: index for index, token in enumerate(tokens)}
+        self.scores = {
+            token: score for token, score, kind in zip(tokens, scores, types) if kind == 1
+        }
+        self.specials = sorted(
+            (t for t, kind in zip(tokens, types) if kind in (3, 4)), key=len, reverse=True
+        )
+        self.add_space_prefix, self.bos = add_space_prefix, bos
+
+    def _run(self, text: str) -> list[int]:
+        text = ("▁" if self.add_space_prefix else "") + text.replace(" ", "▁")
+        symbols = list(text)
+        while True:
+            best, where = None, None
+            for i in range(len(symbols) - 1):
+                score = self.scores.get(symbols[i] + symbols[i + 1])
+                if score is not None and (best is None or score > best):
+                    best, where = score, i
+            if where is None:
+                break
+            symbols[where : where + 2] = [symbols[where] + symbols[where + 1]]
+        ids = []
+        for symbol in symbols:
+            if symbol in self.ids:
+                ids.append(self.ids[symbol])
+            else:
+                ids.extend(self.ids[f"<0x{byte:02X}>"] for byte in symbol.encode("utf-8"))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids = [] if self.bos is None else [self.bos]
+        if self.specials:
+            pattern = "(" + "|".join(regex.escape(s) for s in self.specials) + ")"
+            parts = regex.split(pattern, text)
+        else:
+            parts = [text]
+        for part in parts:
+            if part in self.specials:
+                ids.append(self.ids[part])
+            elif part:
+                ids.extend(self._run(part))
+        return ids

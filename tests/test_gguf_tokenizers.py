@@ -237,3 +237,151 @@ def test_corrupt_tokenizer_metadata_still_fails_the_export(vocabulary, tmp_path,
         convert(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
+
+# SentencePiece (tokenizer.ggml.model "llama"): a tiny vocabulary built here, scores shuffled
+# so the greedy order matters, <0xNN> byte tokens for characters outside it.
+SPM_PIECES = [
+    "▁t",
+    "he",
+    "▁the",
+    "▁a",
+    "in",
+    "▁in",
+    "er",
+    "on",
+    "▁on",
+    "an",
+    "at",
+    "re",
+    "▁w",
+    "or",
+    "▁wor",
+    "ld",
+    "▁world",
+    "▁H",
+    "ll",
+    "llo",
+    "▁Hello",
+    "▁▁",
+    "▁▁▁▁",
+    "▁up",
+    "upon",
+    "▁upon",
+    "▁ti",
+    "me",
+    "▁time",
+    "On",
+    "ce",
+    "▁Once",
+    "12",
+    "123",
+    "▁1",
+    "de",
+    "f▁",
+    "▁def",
+    "()",
+    "ion",
+    "tion",
+    "▁atten",
+    "▁attention",
+    "\n\n",
+    "▁\n",
+    "us",
+    "er\n",
+]
+SPM_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
+SPM_TEXTS = [
+    "Once upon a time",
+    "Hello world, the world in 12345!",
+    "def attention():\n    return 42\n\n",
+    "    whitespace    runs\t\tand\n\n\nnewlines   ",
+    "Héllo wörld 🙂 日本語",
+]
+
+
+def spm_vocabulary(seed: int = 0):
+    """(tokens, scores, types): <unk> <s> </s>, the 256 byte tokens, printable ASCII and "▁"
+    as single pieces, SPM_PIECES, then two control tokens."""
+    import numpy as np
+
+    # every character of a piece is a piece too, as SentencePiece training leaves it (a BPE
+    # cannot merge characters it has already turned into bytes)
+    singles = ["▁", *(chr(c) for c in range(33, 127)), "\t", "\n"]
+    normal = [*singles, *SPM_PIECES]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *normal]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(normal)]
+    rng = np.random.default_rng(seed)
+    scores = [0.0] * (3 + 256) + [-1000.0 - i for i in range(len(singles))]
+    scores += [float(s) for s in -rng.permutation(len(SPM_PIECES))]
+    tokens += SPM_SPECIALS
+    types += [3, 3]
+    scores += [0.0, 0.0]
+    assert len(set(tokens)) == len(tokens)
+    return tokens, scores, types
+
+
+def spm_fields(vocabulary, **extra) -> dict:
+    tokens, scores, types = vocabulary
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("prefix", [True, False])
+def test_sentencepiece_matches_the_reference_and_round_trips(seed, prefix):
+    vocabulary = spm_vocabulary(seed)
+    ours = build_tokenizer(spm_fields(vocabulary, **{"tokenizer.ggml.add_space_prefix": prefix}))
+    reference = bpe_reference.SentencePieceBPE(*vocabulary, add_space_prefix=prefix, bos=1)
+    tokens = vocabulary[0]
+    for text in [*SPM_TEXTS, "<start_of_turn>user\nhi<end_of_turn>\n"]:
+        ids = ours.encode(text).ids
+        assert ids == reference.encode(text), (text, [tokens[i] for i in ids])
+    for text in SPM_TEXTS:
+        ids = ours.encode(text).ids
+        assert ids[0] == 1  # add_bos defaults to true for SentencePiece, as in llama.cpp
+        assert ours.decode(ids) == text
+    assert any(t.startswith("<0x") for t in (tokens[i] for i in ours.encode("é🙂").ids))
+
+
+def test_sentencepiece_gguf_exports_a_tokenizer_that_matches(tmp_path, monkeypatch):
+    vocabulary = spm_vocabulary(0)
+    tokens, scores, types = vocabulary
+
+    class Writer(gguf_files.GGUFWriter):
+        def add_tokenizer_model(self, _model: str) -> None:
+            super().add_tokenizer_model("llama")
+
+        def add_tokenizer_pre(self, _pre: str) -> None:
+            pass
+
+        def add_token_merges(self, _merges) -> None:
+            self.add_token_scores(scores)
+            self.add_add_space_prefix(False)
+
+        def add_token_types(self, _types) -> None:
+            super().add_token_types(types)
+
+    monkeypatch.setattr(gguf_files, "GGUFWriter", Writer)
+    tokenizer_json = {"model": {"vocab": {t: i for i, t in enumerate(tokens)}, "merges": []}}
+    tokenizer_json["added_tokens"] = []
+    config = {**CONFIG, "vocab_size": len(tokens)}
+    path = tmp_path / "gemma-like.gguf"
+    gguf_files.write_gguf(
+        path, config, checkpoints.random_weights(config, seed=4), {}, tokenizer_json
+    )
+    result = export(path, tmp_path / "onnx")
+    assert result.warnings == [] and len(result.tokenizer_files) == 2
+    ours = Tokenizer(tmp_path / "onnx")
+    reference = bpe_reference.SentencePieceBPE(*vocabulary, add_space_prefix=False, bos=None)
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text), text  # the file says add_bos_token false
+        assert ours.decode(ids) == text
