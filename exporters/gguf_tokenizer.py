@@ -41,6 +41,7 @@ from graphattn.exporters.safetensors_reader import CheckpointError
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 _GPT2, _SMOLLM, _LLAMA3, _QWEN2 = "gpt2", "smollm", "llama3", "qwen2"
+_SPM = "sentencepiece"  # tokenizer.ggml.model "llama": no pre-tokenizer name applies
 # tokenizer.ggml.pre → the split it names (llama.cpp's llama-vocab.cpp, name → pre type → regex)
 PRE_TOKENIZERS = {
     "default": _GPT2,
@@ -64,7 +65,7 @@ _QWEN2_SPLIT = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # llama.cpp's clean_spaces = false for these: decoding keeps " ." and " 's" as they are
-_NO_CLEAN_UP = (_SMOLLM, _QWEN2)
+_NO_CLEAN_UP = (_SMOLLM, _QWEN2, _SPM)
 
 
 class UnsupportedTokenizerError(CheckpointError):
@@ -107,9 +108,6 @@ def _pre_tokenizer(kind: str):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-
-
-_SPM = "sentencepiece"
 
 
 def check_supported(fields: Mapping[str, object]) -> str:

@@ -216,6 +216,8 @@ def test_unsupported_tokenizer_exports_the_graph_with_a_warning(
     paths = convert(path, tmp_path / "hf", notes=notes)
     assert sorted(p.name for p in paths) == ["config.json", "model.safetensors"]
     assert notes == result.warnings
+    with pytest.warns(UserWarning, match="tokenizer not written"):  # without notes
+        convert(path, tmp_path / "hf3")
     done = subprocess.run(
         [sys.executable, "-m", "graphattn", "convert", str(path), "-o", str(tmp_path / "hf2")],
         capture_output=True,
