@@ -76,6 +76,9 @@ def hf_config(source_config: Mapping[str, object], cfg: ModelConfig, precision: 
     if not source_config.get("model_type"):
         raise ValueError("the checkpoint config has no model_type for transformers.js")
     config = {k: v for k, v in source_config.items() if k not in _FILE_KEYS}
+    # transformers.js sizes the cache from head_dim when present, else hidden / heads: state
+    # the graph's (they differ for Gemma-style head sizes)
+    config.setdefault("head_dim", cfg.head_dim)
     config |= _token_ids(cfg)
     dtype = PRECISION_DTYPES[precision]
     config |= {
