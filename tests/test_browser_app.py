@@ -84,11 +84,12 @@ def test_page_batch_and_chat_equal_python(tiny, tmp_path):
 
 
 LOSSLESS_INT4_DIFFERS = (
-    "observed: on the lossless int4 export (the GGUF's Q4_1 blocks, MatMulNBits"
-    " accuracy_level 4) native onnxruntime CPU (Python 1.32, onnxruntime-node 1.30) answers"
-    " 'La femme de France, ...' while WASM answers 'The capital of France is Paris.', the"
-    " same ids as the accuracy_level-0 export in Python: the native int8-activation kernel"
-    " is the one that deviates"
+    "depends on the CPU: on the lossless int4 export (the GGUF's Q4_1 blocks, MatMulNBits"
+    " accuracy_level 4) native onnxruntime CPU computes with int8 activations; on an AVX-512"
+    " VNNI machine it answered 'La femme de France, ...' where WASM (float) answers 'The"
+    " capital of France is Paris.'; on an AVX2-only machine (2026-12-02) native gives WASM's"
+    " ids. Not strict for that reason; the guarantee is the next test (WASM = Python's"
+    " accuracy_level-0 export)"
 )
 
 
@@ -99,7 +100,7 @@ LOSSLESS_INT4_DIFFERS = (
         pytest.param(
             "ort-int4",
             marks=pytest.mark.xfail(
-                reason=LOSSLESS_INT4_DIFFERS, strict=True, raises=AssertionError
+                reason=LOSSLESS_INT4_DIFFERS, strict=False, raises=AssertionError
             ),
         ),
         "ort-int4-requantized",
