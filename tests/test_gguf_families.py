@@ -394,14 +394,21 @@ def test_block_quantized_gguf_exports_losslessly(family, tmp_path, kind, precisi
     assert_steps_close(quantized, fp32, ATOL, f"{name} {precision} from {kind} vs fp32")
 
 
-def test_convert_gives_what_transformers_runs(family, tmp_path):
+def test_convert_gives_what_transformers_runs(family, tmp_path, request):
     """The converted HF directory (config.json from the metadata) loads in transformers and
     computes the NumPy forward's logits (Gemma: see test_gemma_convert_keeps_scales)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     name, config, root, held = family
     if is_gemma(config):
-        pytest.skip("Gemma's converted norms are the file's scales (1 + w)")
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="convert writes a Gemma GGUF's norms as stored (the scales 1 + w) under"
+                " HF names, which transformers reads as w and offsets by one again; our own"
+                " exporter reads the converted directory right (test_gemma_convert_keeps_scales)",
+            )
+        )
     convert(root / "f32.gguf", tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", attn_implementation="eager", dtype=torch.float32
