@@ -43,6 +43,10 @@ class Weights:
             self._values[tensor.name] = self._g.initializer(tensor.name, tensor)
         return self._values[tensor.name]
 
+    def roles_under(self, prefix: str) -> set[str]:
+        """The roles that start with ``prefix``, without it (``{"fc_weight", ...}``)."""
+        return {r.removeprefix(prefix) for r in self._tensors if r.startswith(prefix)}
+
     def get(self, role: str) -> ir.Value | None:
         return self[role] if role in self else None
 
@@ -154,8 +158,7 @@ def _linear(g: GraphEmitter, x: ir.Value, w: Weights, role: str, name: str) -> i
 
 def mlp(g: GraphEmitter, spec: MlpSpec, x: ir.Value, w: Weights, prefix: str, scope: str):
     """The feed-forward block; SwiGLU and GPT-2's GELU MLP keep their own functions."""
-    roles = {r.removeprefix(prefix) for r in w._tensors if r.startswith(prefix)}
-    m = f"{prefix}"
+    roles, m = w.roles_under(prefix), prefix
     if spec.kind == "gated" and spec.activation == "silu" and not any("bias" in r for r in roles):
         picked = {r: w[f"{m}{r}"] for r in ("gate_weight", "up_weight", "down_weight")}
         return ops.swiglu_mlp(g, x, picked, name=scope)
