@@ -74,11 +74,17 @@ def _llama3_scaled(inv_freq: np.ndarray, scaling: Mapping[str, object]) -> np.nd
 
 
 @graphattn_function
+def RotaryAngles(position_ids_BS, inv_freq_R):
+    """angles [B, S, R] float32 = ``position_ids [B, S] * inv_freq [R]`` (one output: the
+    cos/sin functions below call it; onnxscript keeps only the first output of a nested call
+    that has two)."""
+    return op.Mul(op.Unsqueeze(op.Cast(position_ids_BS, to=1), [2]), op.Cast(inv_freq_R, to=1))
+
+
+@graphattn_function
 def RotaryCosSin(position_ids_BS, inv_freq_R):
     """cos, sin [B, S, R] float32 of ``position_ids [B, S] * inv_freq [R]``."""
-    angles_BSR = op.Mul(
-        op.Unsqueeze(op.Cast(position_ids_BS, to=1), [2]), op.Cast(inv_freq_R, to=1)
-    )
+    angles_BSR = RotaryAngles(position_ids_BS, inv_freq_R)
     return op.Cos(angles_BSR), op.Sin(angles_BSR)
 
 
@@ -158,9 +164,7 @@ def apply_rotary(
 def RotaryCosSinScaled(position_ids_BS, inv_freq_R, factor):
     """cos, sin [B, S, R] float32 of ``position_ids * inv_freq``, both times scalar ``factor``
     (YaRN's and LongRoPE's attention factor)."""
-    angles_BSR = op.Mul(
-        op.Unsqueeze(op.Cast(position_ids_BS, to=1), [2]), op.Cast(inv_freq_R, to=1)
-    )
+    angles_BSR = RotaryAngles(position_ids_BS, inv_freq_R)
     return op.Mul(op.Cos(angles_BSR), factor), op.Mul(op.Sin(angles_BSR), factor)
 
 
@@ -172,9 +176,7 @@ def RotaryCosSinSwitched(position_ids_BS, short_inv_freq_R, long_inv_freq_R, swi
     length = op.Add(op.ReduceMax(position_ids_BS, keepdims=0), op.Constant(value_int=1))
     use_long = op.Greater(length, switch_length)
     inv_freq_R = op.Where(use_long, long_inv_freq_R, short_inv_freq_R)
-    angles_BSR = op.Mul(
-        op.Unsqueeze(op.Cast(position_ids_BS, to=1), [2]), op.Cast(inv_freq_R, to=1)
-    )
+    angles_BSR = RotaryAngles(position_ids_BS, inv_freq_R)
     return op.Mul(op.Cos(angles_BSR), factor), op.Mul(op.Sin(angles_BSR), factor)
 
 
@@ -195,5 +197,5 @@ def RotaryCosSinDynamic(position_ids_BS, inv_freq_R, exponents_R, base, factor, 
     new_base = op.Mul(base, op.Pow(stretch, op.Squeeze(power)))
     dynamic_R = op.Reciprocal(op.Pow(new_base, exponents_R))
     inv_R = op.Where(op.Greater(length, original_length), dynamic_R, inv_freq_R)
-    angles_BSR = op.Mul(op.Unsqueeze(op.Cast(position_ids_BS, to=1), [2]), inv_R)
+    angles_BSR = RotaryAngles(position_ids_BS, inv_R)
     return op.Cos(angles_BSR), op.Sin(angles_BSR)
