@@ -33,7 +33,9 @@ PAST = "past_sequence_length"
 TOTAL = "total_sequence_length"
 
 NORM_KINDS = ("rms", "layer")
-MLP_KINDS = ("gated", "plain")
+MLP_KINDS = ("gated", "plain", "moe")
+ROUTER_SCORES = ("softmax", "sigmoid")
+LATENT_FORMS = ("absorbed", "expanded")
 # activation name -> what it computes (see graphattn.layers)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 RESIDUALS = ("sequential", "parallel")
@@ -102,6 +104,37 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class LatentSpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a compressed
+    latent ``c = norm(x W_kv_a[:, :kv_lora_rank]) [B, S, kv_lora_rank]`` and one decoupled
+    rope key ``x W_kv_a[:, kv_lora_rank:] [B, S, qk_rope_head_dim]`` shared by all heads;
+    ``kv_b`` expands ``c`` into per-head ``k_nope [qk_nope_head_dim]`` and ``v
+    [v_head_dim]``. Queries come from ``x W_q`` or, with ``q_lora_rank``, from
+    ``norm(x W_q_a) W_q_b``; each query head is ``[nope | rope]`` (RoPE on the rope part only).
+    ``norm`` is the RMSNorm of the latent (and of the low-rank query).
+
+    The cache holds ``c`` and the rotated rope key, not K/V. ``form``: ``absorbed`` (the
+    query is moved into latent space by ``W_UK`` and the output leaves it by ``W_UV``, both
+    sliced from ``kv_b`` at export time: an MQA over ``[c | rope key]``) or ``expanded``
+    (K/V expanded from the whole cached latent at every step; for comparison)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    norm: NormSpec
+    q_lora_rank: int | None = None
+    form: str = "absorbed"
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int("latent attention", name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _positive_int("latent attention", "q_lora_rank", self.q_lora_rank)
+        _choice("latent attention", "form", self.form, LATENT_FORMS)
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     """Self-attention of one layer.
 
@@ -127,6 +160,8 @@ class AttentionSpec:
     clip_qkv: float | None = None
     alibi_slopes: tuple[float, ...] | None = None
     causal: bool = True
+    sinks: bool = False
+    latent: LatentSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "kv_heads", "head_dim"):
@@ -154,26 +189,113 @@ class AttentionSpec:
                     f" {len(self.alibi_slopes)}"
                 )
 
+        if self.latent is not None:
+            width = self.latent.qk_nope_head_dim + self.latent.qk_rope_head_dim
+            if self.head_dim != width:
+                raise ValueError(
+                    f"latent attention head_dim={self.head_dim} must be qk_nope_head_dim +"
+                    f" qk_rope_head_dim = {width}"
+                )
+            if self.rope is not None and self.rope.rotary_dim != self.latent.qk_rope_head_dim:
+                raise ValueError(
+                    f"latent attention rotates qk_rope_head_dim={self.latent.qk_rope_head_dim}"
+                    f" channels, rope says {self.rope.rotary_dim}"
+                )
+
     @property
     def effective_scale(self) -> float:
         """The score scale: ``scale``, else ``1/sqrt(head_dim)``."""
         return 1.0 / math.sqrt(self.head_dim) if self.scale is None else float(self.scale)
 
+    @property
+    def cache(self) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+        """This layer's cache tensors: ``(name, dims)`` with ``PAST`` as the time axis, named
+        ``past_key_values.{i}.<name>`` / ``present.{i}.<name>`` (``PAST`` → ``TOTAL``).
+        Ordinary attention: ``key``, ``value [batch_size, kv_heads, T, head_dim]``; latent
+        attention: ``latent [batch_size, T, kv_lora_rank]`` and ``rope_key [batch_size, T,
+        qk_rope_head_dim]``."""
+        if self.latent is not None:
+            return (
+                ("latent", (BATCH, PAST, self.latent.kv_lora_rank)),
+                ("rope_key", (BATCH, PAST, self.latent.qk_rope_head_dim)),
+            )
+        shape = (BATCH, self.kv_heads, PAST, self.head_dim)
+        return (("key", shape), ("value", shape))
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """A mixture of ``num_experts`` gated experts of width ``expert_size``, ``top_k`` per token.
+
+    Router: ``logits = x W_router (+ router bias)`` ``[N, E]``; ``scores`` = ``softmax`` or
+    ``sigmoid`` of them. Selection: with ``groups`` > 1 the experts form equal groups, each
+    group scored by the sum of its top-2 selection scores (``group_score`` ``top2_sum``,
+    DeepSeek-V3) or its best score (``max``, DeepSeek-V2's ``group_limited_greedy``), and only
+    the best ``topk_groups`` groups stay; then the ``top_k`` experts by selection score, where
+    the selection score is the score plus the weight role ``router.score_bias`` when it exists
+    (DeepSeek-V3's ``e_score_correction_bias``, used to choose, not to weight). Weights: the
+    chosen experts' scores, divided by their sum when ``normalize`` (``norm_topk_prob``;
+    Mixtral and GPT-OSS always), times ``scaling`` (``routed_scaling_factor``).
+
+    Each expert is gated: ``down(act(gate(x)) * up(x))`` (``activation`` of the MlpSpec, with
+    biases where the plan has them). ``swiglu_limit``: GPT-OSS's clamped form ``gate =
+    min(gate, limit)``, ``up = clip(up, ±limit)``, ``glu = gate·σ(swiglu_alpha·gate)``, output
+    ``(up + 1)·glu``. ``shared_size``: width of the always-on shared expert(s) added to the
+    routed sum (DeepSeek's ``n_shared_experts × moe_intermediate_size``, Qwen2-MoE's
+    ``shared_expert_intermediate_size``), scaled by ``σ(x W_shared_gate)`` when the plan has
+    ``shared_gate.weight`` (Qwen2-MoE)."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    scores: str = "softmax"
+    normalize: bool = False
+    scaling: float = 1.0
+    groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "top2_sum"
+    shared_size: int | None = None
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "expert_size", "groups", "topk_groups"):
+            _positive_int("moe", name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"moe num_experts_per_tok={self.top_k} exceeds n_routed_experts={self.num_experts}"
+            )
+        if self.num_experts % self.groups or self.topk_groups > self.groups:
+            raise ValueError(
+                f"moe n_group={self.groups} must divide the {self.num_experts} experts and be"
+                f" at least topk_group={self.topk_groups}"
+            )
+        _choice("moe", "scores", self.scores, ROUTER_SCORES)
+        _choice("moe", "group_score", self.group_score, ("top2_sum", "max"))
+        _positive_or_none("moe", "routed_scaling_factor", self.scaling)
+        if self.shared_size is not None:
+            _positive_int("moe", "shared_size", self.shared_size)
+        _positive_or_none("moe", "swiglu_limit", self.swiglu_limit)
+
 
 @dataclass(frozen=True)
 class MlpSpec:
-    """Feed-forward block: ``gated`` (``act(x W_gate) * (x W_up)`` then ``W_down``) or ``plain``
-    (``act(x W_fc)`` then ``W_proj``), ``activation`` one of ACTIVATIONS, width
-    ``intermediate_size``. Biases exist where the weight plan has them."""
+    """Feed-forward block: ``gated`` (``act(x W_gate) * (x W_up)`` then ``W_down``), ``plain``
+    (``act(x W_fc)`` then ``W_proj``) or ``moe`` (a :class:`MoeSpec` mixture of gated
+    experts), ``activation`` one of ACTIVATIONS, width ``intermediate_size`` (for ``moe``: the
+    expert width). Biases exist where the weight plan has them."""
 
     kind: str
     activation: str
     intermediate_size: int
+    moe: MoeSpec | None = None
 
     def __post_init__(self) -> None:
         _choice("mlp", "kind", self.kind, MLP_KINDS)
         _choice("mlp", "activation", self.activation, ACTIVATIONS)
         _positive_int("mlp", "intermediate_size", self.intermediate_size)
+        if (self.kind == "moe") != (self.moe is not None):
+            raise ValueError("mlp kind 'moe' and a MoeSpec go together")
 
 
 @dataclass(frozen=True)
@@ -240,7 +362,7 @@ class ModelConfig:
         _positive_or_none("config", "embedding_scale", self.embedding_scale)
         _positive_or_none("config", "logit_scale", self.logit_scale)
         _positive_or_none("config", "final_softcap", self.final_softcap)
-        shapes = {(a.kv_heads, a.head_dim) for a in (layer.attention for layer in self.layers)}
+        shapes = {layer.attention.cache for layer in self.layers}
         if len(shapes) != 1:
             raise ValueError(f"layers must share one KV cache shape, got {sorted(shapes)}")
 
@@ -264,6 +386,16 @@ class ModelConfig:
     @property
     def intermediate_size(self) -> int:
         return self.layers[0].mlp.intermediate_size
+
+    @property
+    def cache(self) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+        """Every layer's cache tensors (:attr:`AttentionSpec.cache`; layers share them)."""
+        return self.layers[0].attention.cache
+
+    @property
+    def latent(self) -> bool:
+        """Whether the cache holds MLA latents instead of K/V."""
+        return self.layers[0].attention.latent is not None
 
     def replace(self, **changes: object) -> ModelConfig:
         """A copy with some fields changed."""
@@ -348,6 +480,24 @@ def per_head_rows(index: int, parts: int, heads: int) -> Transform:
         return np.ascontiguousarray(grouped[:, index].reshape(-1, *array.shape[1:]))
 
     take.__name__ = f"per_head_rows_{index}_of_{parts}"
+    return take
+
+
+def latent_up(part: str, heads: int, nope: int, value: int) -> Transform:
+    """MLA's ``kv_b_proj.weight [heads·(nope + value), kv_lora_rank]`` (torch layout, rows per
+    head ``[k_nope | v]``) → ``key`` ``W_UK [heads, nope, kv_lora_rank]`` (``k_nope[t, h] =
+    W_UK[h] @ c[t]``, so the absorbed query is ``q_nope[h] @ W_UK[h]``) or ``value`` ``W_UV
+    [heads, kv_lora_rank, value]`` (``out[h] = out_latent[h] @ W_UV[h]``)."""
+    if part not in ("key", "value"):
+        raise ValueError(f"latent_up part must be key or value, got {part!r}")
+
+    def take(array: np.ndarray) -> np.ndarray:
+        grouped = array.reshape(heads, nope + value, -1)
+        if part == "key":
+            return np.ascontiguousarray(grouped[:, :nope, :])
+        return np.ascontiguousarray(grouped[:, nope:, :].transpose(0, 2, 1))
+
+    take.__name__ = f"latent_up_{part}"
     return take
 
 
