@@ -9,6 +9,7 @@ from graphattn.models import (
     bloom,
     codegen,
     cohere,
+    deepseek,
     exaone4,
     falcon,
     gemma3,
@@ -40,6 +41,8 @@ REGISTRY: dict[str, Architecture] = {
     "bloom": bloom.ARCHITECTURE,
     "codegen": codegen.ARCHITECTURE,
     "cohere": cohere.ARCHITECTURE,
+    "deepseek_v2": deepseek.V2_ARCHITECTURE,
+    "deepseek_v3": deepseek.V3_ARCHITECTURE,
     "exaone4": exaone4.ARCHITECTURE,
     "falcon": falcon.ARCHITECTURE,
     "gemma": gemma_gguf.ARCHITECTURE,  # reads gemma GGUF files
