@@ -1,0 +1,313 @@
+"""DeepSeek-V2 / V2-Lite / V3 against Hugging Face (tiny random configs built here): multi-head
+latent attention with and without the low-rank query, its latent KV cache, interleaved and
+split-halves partial RoPE, yarn with the mscale_all_dim score correction, dense first layers
+and the three DeepSeek routers (V2 softmax greedy and group-limited, V3 sigmoid with score
+bias and top-2-sum groups), shared experts; every target at fp32 (≤ 1e-4, left-padded batch,
+prefill + 4 decode steps), the NumPy witness, every precision on one.
+
+Random routers give near-ties: each model's seed is the first (0, 1, ...) whose router
+margins (k-th vs (k+1)-th expert selection score, and topk_group-th vs next group score, per
+real token, per MoE layer, at every call of the HF run) all exceed MARGIN; the margins are
+recorded again by hooks on HF's gate modules during the checked run and asserted there.
+"""
+
+import json
+
+import families
+import numpy as np
+import numpy_forward
+import pytest
+from decoder_runner import Decoder, positions_for
+from harness import assert_close
+
+from graphattn.models import architecture_for
+
+pytest.importorskip("transformers", reason="the hf extra is not installed")
+pytestmark = pytest.mark.hf
+
+MARGIN = 1e-3
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 80,
+    "moe_intermediate_size": 24,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+V2 = {  # DeepSeek-V2: low-rank query, every layer sparse, group-limited greedy routing
+    **TINY,
+    "model_type": "deepseek_v2",
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "num_hidden_layers": 2,
+    "q_lora_rank": 24,
+    "first_k_dense_replace": 0,
+    "n_shared_experts": 2,
+    "topk_method": "group_limited_greedy",
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 1.5,
+    "norm_topk_prob": False,
+}
+V2_LITE = {  # DeepSeek-V2-Lite: no q_lora_rank, a dense first layer, greedy routing, tied head
+    **V2,
+    "q_lora_rank": None,
+    "first_k_dense_replace": 1,
+    "topk_method": "greedy",
+    "n_group": None,
+    "topk_group": None,
+    "routed_scaling_factor": 1.0,
+    "tie_word_embeddings": True,
+}
+V3 = {  # DeepSeek-V3: sigmoid scores + correction bias, groups, a dense first layer
+    **TINY,
+    "model_type": "deepseek_v3",
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "num_hidden_layers": 3,
+    "q_lora_rank": 24,
+    "first_k_dense_replace": 1,
+    "n_shared_experts": 1,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "rope_interleave": True,
+}
+V3_YARN = {  # yarn RoPE with mscale ≠ mscale_all_dim (cos/sin factor) and the score mscale²
+    **V3,
+    "num_hidden_layers": 2,
+    "rope_interleave": False,
+    "max_position_embeddings": 256,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+}
+
+
+# ------------------------------------------------------------------------ router margins
+def router_margins(config: dict, logits: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per token [N]: the smallest of the expert margin (k-th vs (k+1)-th selection score among
+    the kept groups) and the group margin (topk_group-th vs next group score), from the
+    router logits [N, E] as transformers' DeepSeek routers score them."""
+    logits = logits.astype(np.float64)
+    top_k = config["num_experts_per_tok"]
+    if config["model_type"] == "deepseek_v2":
+        choice = np.exp(logits - logits.max(-1, keepdims=True))
+        choice /= choice.sum(-1, keepdims=True)
+        grouped = config.get("topk_method") == "group_limited_greedy"
+        groups, kept = (config["n_group"], config["topk_group"]) if grouped else (1, 1)
+    else:
+        choice = 1 / (1 + np.exp(-logits)) + bias
+        groups, kept = config["n_group"], config["topk_group"]
+    by_group = choice.reshape(len(choice), groups, -1)
+    if config["model_type"] == "deepseek_v2":
+        group_score = by_group.max(-1)
+    else:
+        group_score = np.sort(by_group, -1)[..., -2:].sum(-1)
+    margins = np.full(len(choice), np.inf)
+    order = np.argsort(-group_score, axis=-1)
+    if kept < groups:
+        ranked = np.take_along_axis(group_score, order, -1)
+        margins = ranked[:, kept - 1] - ranked[:, kept]
+    allowed = np.zeros_like(group_score, dtype=bool)
+    np.put_along_axis(allowed, order[:, :kept], True, -1)
+    masked = np.where(np.repeat(allowed, choice.shape[1] // groups, -1), choice, -np.inf)
+    ranked = -np.sort(-masked, -1)
+    return np.minimum(margins, ranked[:, top_k - 1] - ranked[:, top_k])
+
+
+class MarginRecorder:
+    """Forward hooks on every HF gate module: the router margins of each call's real tokens."""
+
+    def __init__(self, model, config: dict) -> None:
+        self.config, self.calls, self.masks = config, [], []
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "top_k"):
+                gate.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, outputs) -> None:
+        bias = getattr(module, "e_score_correction_bias", None)
+        bias = np.zeros(1) if bias is None else bias.detach().double().numpy()
+        logits = outputs[0].detach().double().numpy()
+        self.calls.append(router_margins(self.config, logits, bias))
+
+    def smallest(self, masks: list[np.ndarray], moe_layers: int) -> float:
+        """The smallest margin over real tokens; ``masks``: each call's attention mask of its
+        new tokens [B, S] (one call per ``moe_layers`` gate calls)."""
+        assert len(self.calls) == len(masks) * moe_layers, "gate calls do not match the run"
+        real = [m.reshape(-1).astype(bool) for m in masks for _ in range(moe_layers)]
+        return min(float(c[r].min()) for c, r in zip(self.calls, real))
+
+
+def _moe_layers(config: dict) -> int:
+    return config["num_hidden_layers"] - (config.get("first_k_dense_replace") or 0)
+
+
+def _call_masks(steps: int) -> list[np.ndarray]:
+    _, mask = families.left_padded(families.PROMPTS)
+    return [mask] + [np.ones((mask.shape[0], 1), dtype=mask.dtype)] * steps
+
+
+def seeded_model(config: dict, seed: int):
+    """families.hf_model plus a random V3 ``e_score_correction_bias`` (a buffer hf_model does
+    not touch), with a MarginRecorder attached."""
+    import torch
+
+    model = families.hf_model(config, seed=seed)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
+    return model, MarginRecorder(model, config)
+
+
+def decided_seed(config: dict, steps: int = 4, tries: int = 20) -> int:
+    """The first seed whose HF run (prefill + ``steps`` greedy steps) routes every real token
+    with margins above MARGIN."""
+    ids, mask = families.left_padded(families.PROMPTS)
+    for seed in range(tries):
+        model, recorder = seeded_model(config, seed)
+        families.hf_steps(model, ids, mask, steps)
+        if recorder.smallest(_call_masks(steps), _moe_layers(config)) > MARGIN:
+            return seed
+    raise AssertionError(f"no seed below {tries} routes {config['model_type']} decisively")
+
+
+def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
+    """check_family on the decided seed's model; the margins recorded during its HF run are
+    asserted too. Returns the exports."""
+    seed = decided_seed(config)
+    recorders = []
+
+    def hf_model(cfg, **_):
+        model, recorder = seeded_model(cfg, seed)
+        recorders.append(recorder)
+        return model
+
+    monkeypatch.setattr(families, "hf_model", hf_model)
+    exports = families.check_family(tmp_path, config, targets=targets)
+    (recorder,) = recorders
+    smallest = recorder.smallest(_call_masks(4), _moe_layers(config))
+    assert smallest > MARGIN, f"router margin {smallest:.3g} along the checked run"
+    check_latent_cache(tmp_path, config, exports)
+    return exports
+
+
+def check_latent_cache(tmp_path, config: dict, exports: dict) -> None:
+    """The exported presents are the latent [B, T, kv_lora_rank] and rope key [B, T,
+    qk_rope_head_dim] per layer (no K/V), equal to the NumPy forward's latent and rope key."""
+    hf_dir = tmp_path / "hf"
+    saved = json.loads((hf_dir / "config.json").read_text())
+    ids, mask = families.left_padded(families.PROMPTS)
+    positions = positions_for(mask, ids.shape[1])
+    _, expected = numpy_forward.forward(families.hf_weights(hf_dir), saved, ids, mask, positions)
+    real = mask[:, :, None].astype(bool)
+    batch, total = ids.shape
+    for target, out in exports.items():
+        _, presents = Decoder(out)(ids, mask)
+        assert len(presents) == config["num_hidden_layers"]
+        for i, (present, reference) in enumerate(zip(presents, expected)):
+            latent, rope_key = present
+            assert latent.shape == (batch, total, config["kv_lora_rank"]), (target, i)
+            assert rope_key.shape == (batch, total, config["qk_rope_head_dim"]), (target, i)
+            what = f"{target} layer {i}"
+            assert_close(
+                np.where(real, latent, 0), np.where(real, reference[0], 0), 1e-4, f"{what} latent"
+            )
+            assert_close(
+                np.where(real, rope_key, 0),
+                np.where(real, reference[1], 0),
+                1e-4,
+                f"{what} rope key",
+            )
+
+
+# ---------------------------------------------------------------------------------- tests
+def test_deepseek_v3_matches_transformers_on_every_target(tmp_path, monkeypatch):
+    assert numpy_forward.knows(V3)
+    check(tmp_path, monkeypatch, V3)
+    families.check_precisions(tmp_path / "hf", tmp_path)
+
+
+def test_deepseek_v3_yarn_split_halves(tmp_path, monkeypatch):
+    check(tmp_path, monkeypatch, V3_YARN)
+
+
+def test_deepseek_v2_low_rank_query_every_layer_sparse(tmp_path, monkeypatch):
+    assert numpy_forward.knows(V2)
+    check(tmp_path, monkeypatch, V2)
+
+
+def test_deepseek_v2_lite_without_low_rank_query(tmp_path, monkeypatch):
+    check(tmp_path, monkeypatch, V2_LITE)
+
+
+def test_mapping_reads_every_deepseek_key():
+    cfg = architecture_for(V3).config_from_hf(V3)
+    first, moe = cfg.layers[0], cfg.layers[1]
+    assert first.mlp.kind == "gated" and first.mlp.intermediate_size == 80
+    assert [layer.mlp.kind for layer in cfg.layers] == ["gated", "moe", "moe"]
+    spec = moe.mlp.moe
+    assert (spec.scores, spec.normalize, spec.scaling) == ("sigmoid", True, 2.5)
+    assert (spec.groups, spec.topk_groups, spec.group_score) == (4, 2, "top2_sum")
+    assert spec.shared_size == 24 and spec.expert_size == 24
+    attention = first.attention
+    assert attention.latent.q_lora_rank == 24 and attention.head_dim == 24
+    assert attention.rope.rotary_dim == 8 and attention.rope.interleaved
+    assert attention.scale == pytest.approx(24**-0.5)
+    assert cfg.cache == (
+        ("latent", ("batch_size", "past_sequence_length", 32)),
+        ("rope_key", ("batch_size", "past_sequence_length", 8)),
+    )
+    yarn = architecture_for(V3_YARN).config_from_hf(V3_YARN).layers[0].attention
+    mscale = 0.1 * 1.0 * np.log(4.0) + 1.0
+    assert yarn.scale == pytest.approx(24**-0.5 * mscale**2)
+    assert not yarn.rope.interleaved and yarn.rope.scaling["rope_type"] == "yarn"
+    lite = architecture_for(V2_LITE).config_from_hf(V2_LITE)
+    assert lite.layers[0].attention.latent.q_lora_rank is None and lite.tie_word_embeddings
+    v2 = architecture_for(V2).config_from_hf(V2).layers[0].mlp.moe
+    assert (v2.scores, v2.normalize, v2.scaling, v2.group_score) == ("softmax", False, 1.5, "max")
+    assert (v2.groups, v2.shared_size) == (4, 48)
+    assert architecture_for(V2_LITE).config_from_hf(V2_LITE).layers[1].mlp.moe.groups == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "value"),
+    [
+        (V2, "topk_method", "noaux_tc"),
+        (V2, "norm_topk_prob", True),
+        (V2, "scoring_func", "sigmoid"),
+        (V2, "mlp_bias", True),
+        (V3, "topk_method", "group_limited_greedy"),
+        (V3, "scoring_func", "softmax"),
+        (V3, "attention_bias", True),
+        (V3, "moe_layer_freq", 2),
+        (V3, "num_key_value_heads", 2),
+        (V3, "n_shared_experts", 0),
+        (V3, "hidden_act", "tanh"),
+        (V3, "num_experts_per_tok", 5),  # more than the 2 kept groups of 2 experts hold
+    ],
+)
+def test_refused_keys_are_named(config, key, value):
+    changed = {**config, key: value}
+    with pytest.raises(ValueError, match=key):
+        architecture_for(changed).config_from_hf(changed)
