@@ -7,8 +7,11 @@ MHA is ``Hkv = H``; MQA is ``Hkv = 1``.
 
 Score pipeline: ``scores = scale * Q Kᵀ`` → optional softcap ``c * tanh(scores / c)`` →
 optional scalable softmax (scores times ``s * log(n)``, n = keys this query attends) →
-``softmax(scores + bias) V``. Each variant is its own small function so the graph only computes
-what the model uses; all share the same building blocks.
+``softmax(scores + bias) V``. With attention sinks (GPT-OSS) each row's softmax also holds one
+learned logit ``sinks[h]`` per query head that mixes no value: ``softmax([scores + bias,
+sinks[h]])`` without its last column, so the row's weights sum to less than one. Each variant
+is its own small function so the graph only computes what the model uses; all share the same
+building blocks.
 """
 
 import math
@@ -121,6 +124,39 @@ def ScaledDotProductAttentionHeadBias(query_BHSD, key_BKTD, value_BKTD, bias_BHS
     return MaskedSoftmaxMixHeadBias(scores, bias_BHST, value_BKTD)
 
 
+@graphattn_function
+def MaskedSoftmaxMixSinks(scores_BKGST, bias_B1ST, sinks_H, value_BKTD):
+    """output [B, H, S, D] = softmax([scores + bias, sink_h], over T + 1)[..., :T] V: one
+    extra logit per query head (``sinks_H [H]``, head h = kv·G + g) in every row's softmax,
+    not masked by the bias, mixing no value."""
+    bias_B11ST = op.Unsqueeze(op.CastLike(bias_B1ST, scores_BKGST), [2])
+    logits_BKGST = op.Add(scores_BKGST, bias_B11ST)
+    logits_shape = op.Shape(logits_BKGST)
+    sinks_1KG11 = op.Reshape(
+        op.CastLike(sinks_H, scores_BKGST),
+        op.Concat([1], op.Slice(logits_shape, [1], [3]), [1, 1], axis=0),
+    )
+    sinks_BKGS1 = op.Expand(sinks_1KG11, op.Concat(op.Slice(logits_shape, [0], [4]), [1], axis=0))
+    combined_BKGSU = op.Concat(logits_BKGST, sinks_BKGS1, axis=-1)  # U = T + 1
+    probs_BKGSU = op.Softmax(combined_BKGSU, axis=-1)
+    probs_BKGST = op.Slice(probs_BKGSU, [0], [-1], [-1])
+    mixed_BKGSD = op.MatMul(probs_BKGST, op.Unsqueeze(value_BKTD, [2]))
+    mixed_shape = op.Shape(mixed_BKGSD)
+    output_shape = op.Concat(
+        op.Slice(mixed_shape, [0], [1]), [-1], op.Slice(mixed_shape, [3], [5]), axis=0
+    )
+    return op.Reshape(mixed_BKGSD, output_shape)
+
+
+@graphattn_function
+def ScaledDotProductAttentionSinks(
+    query_BHSD, key_BKTD, value_BKTD, bias_B1ST, sinks_H, scale: float
+):
+    """output [B, H, S, D] = softmax([scale Q Kᵀ + bias, sink_h])[..., :T] V (GPT-OSS)."""
+    scores = GroupedScores(query_BHSD, key_BKTD, scale=scale)
+    return MaskedSoftmaxMixSinks(scores, bias_B1ST, sinks_H, value_BKTD)
+
+
 _VARIANTS = {
     (False, False): ScaledDotProductAttention,
     (True, False): ScaledDotProductAttentionSoftcap,
@@ -139,6 +175,16 @@ def _check_heads(num_heads: int, kv_heads: int, head_dim: int) -> None:
             raise ValueError(f"{parameter} must be a positive int, got {value!r}")
     if num_heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide num_heads={num_heads}")
+
+
+def _check_sinks(sinks_H: ir.Value, num_heads: int, *, softcap: bool, ssmax: bool) -> None:
+    """Attention sinks are one logit per query head, and go with the plain score pipeline."""
+    require_rank(sinks_H, 1, "sinks")
+    shape = sinks_H.shape
+    if shape is not None and isinstance(shape[0], int) and shape[0] != num_heads:
+        raise ValueError(f"sinks must have one value per query head ({num_heads}), got {shape[0]}")
+    if softcap or ssmax:
+        raise ValueError("attention sinks with a softcap or scalable softmax are not supported")
 
 
 def _check_positive(parameter: str, value: float | None) -> float | None:
@@ -164,6 +210,7 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     softcap: float | None = None,
     ssmax_s: float | None = None,
+    sinks_H: ir.Value | None = None,
     past_key_BKPD: ir.Value | None = None,
     past_value_BKPD: ir.Value | None = None,
     name: str = "attn",
@@ -175,7 +222,8 @@ def scaled_dot_product_attention(
     are the new key/value themselves. ``mask`` is an additive float bias or a boolean keep-mask
     ``[B or 1, 1, S, T]`` (see ``graphattn.ops.masks``); ``causal``/``window`` add a positional
     mask built from the shapes (leave them off when ``mask`` already carries them). ``scale``
-    defaults to ``1/sqrt(head_dim)``.
+    defaults to ``1/sqrt(head_dim)``. ``sinks_H [num_heads]``: one learned logit per query head
+    in every row's softmax (attention sinks, GPT-OSS); not with ``softcap`` or ``ssmax_s``.
     """
     _check_heads(num_heads, kv_heads, head_dim)
     softcap = _check_positive("softcap", softcap)
@@ -186,6 +234,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"window={window!r} given without a positional mask: {causal_note}")
     for parameter, value in (("query", query_BHSD), ("key", key_BKSD), ("value", value_BKSD)):
         require_rank(value, 4, parameter)
+    if sinks_H is not None:
+        _check_sinks(sinks_H, num_heads, softcap=softcap is not None, ssmax=ssmax_s is not None)
     if (past_key_BKPD is None) != (past_value_BKPD is None):
         raise ValueError("past_key and past_value must be given together")
 
@@ -214,6 +264,14 @@ def scaled_dot_product_attention(
     if bias is None:
         bias = position_bias(g, query_BHSD, key_BKTD, causal=False, name=f"{name}/no_bias")
 
+    if sinks_H is not None:
+        output = g.call(
+            ScaledDotProductAttentionSinks,
+            [query_BHSD, key_BKTD, value_BKTD, bias, sinks_H],
+            {"scale": scale},
+            name=name,
+        )
+        return output, key_BKTD, value_BKTD
     function = _VARIANTS[(softcap is not None, ssmax_s is not None)]
     attributes: dict[str, float] = {"scale": scale}
     if softcap is not None:

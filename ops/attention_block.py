@@ -10,6 +10,7 @@ The block computes, from the normed hidden state ``x [B, S, C]`` and one layer's
     q, k    = RoPE(q), RoPE(k) with the layer's cos/sin        (when the layer has RoPE)
     present = Concat(past, k or v) along T                     [B, Hkv, T, D]
     out     = softmax(softcap(scale q kᵀ) + bias) v            (ScaledDotProductAttention*)
+              or softmax([scale q kᵀ + bias, sink_h])[:T] v    (sinks: GPT-OSS)
     y       = MergeHeads(out) W_o (+ b_o)                      [B, S, C]
 
 The body is composed from the small functions (SplitHeads, RMSNorm, RotaryHalves, ...); it
@@ -22,7 +23,8 @@ still on the call, so the compiler lowers a block by reading this one node.
 
 Inputs by role, in this order (absent roles are not inputs; ``input_roles`` lists them):
 ``x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, q_norm_weight,
-q_norm_bias, k_norm_weight, k_norm_bias, cos, sin, bias, past_key, past_value``. Outputs:
+q_norm_bias, k_norm_weight, k_norm_bias, sinks, cos, sin, bias, past_key, past_value``
+(``sinks [H]``: one learned softmax logit per query head, attribute ``sinks = 1``). Outputs:
 ``output [B, S, C]``, ``present_key``, ``present_value [B, Hkv, T, D]``.
 """
 
@@ -37,8 +39,10 @@ import onnx_ir as ir
 from graphattn.ops.attention import (
     _VARIANTS,
     ScaledDotProductAttentionHeadBias,
+    ScaledDotProductAttentionSinks,
     _check_heads,
     _check_positive,
+    _check_sinks,
 )
 from graphattn.ops.emit import GraphEmitter, require_rank
 from graphattn.ops.heads import MergeHeads, SplitHeads
@@ -58,6 +62,7 @@ ROLES = (
     "q_norm_bias",
     "k_norm_weight",
     "k_norm_bias",
+    "sinks",
 )
 ROPE_KINDS = ("none", "halves", "interleaved")
 QK_NORMS = ("none", "rms_head", "rms_full", "layer_head", "layer_full")
@@ -78,6 +83,7 @@ ATTRIBUTES = (
     ("qk_norm_epsilon", _FLOAT),
     ("clip_qkv", _FLOAT),  # 0: none
     ("alibi", _INT),  # 1: the bias input is per head [B, H, S, T] (ALiBi added to the mask)
+    ("sinks", _INT),  # 1: input sinks [H], one extra softmax logit per query head (GPT-OSS)
     ("input_roles", ir.AttributeType.STRINGS),
 )
 
@@ -99,12 +105,16 @@ class BlockAttributes:
     qk_norm_epsilon: float = 0.0
     clip_qkv: float = 0.0
     alibi: int = 0
+    sinks: int = 0
     input_roles: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, node: ir.Node) -> BlockAttributes:
-        """The attributes of a block call node."""
-        values = {name: node.attributes[name].value for name, _ in ATTRIBUTES}
+        """The attributes of a block call node (one written before an attribute existed
+        reads that attribute's default)."""
+        values = {
+            name: node.attributes[name].value for name, _ in ATTRIBUTES if name in node.attributes
+        }
         values["input_roles"] = tuple(values["input_roles"])
         return cls(**values)
 
@@ -137,6 +147,8 @@ def _structure_name(roles: tuple[str, ...], attrs: BlockAttributes) -> str:
         tokens.append("softcap")
     if attrs.alibi:
         tokens.append("alibi")
+    if attrs.sinks:
+        tokens.append("sinks")
     return "_".join(["SelfAttention", *tokens])
 
 
@@ -194,14 +206,18 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
     value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
     variant = _VARIANTS[(bool(attrs.softcap), False)]
+    scores_in = [q, key, value, inputs["bias"]]
     if attrs.alibi:
         if attrs.softcap:
             raise ValueError("an ALiBi block with a softcap is not supported")
         variant = ScaledDotProductAttentionHeadBias
+    if attrs.sinks:
+        variant = ScaledDotProductAttentionSinks
+        scores_in.append(inputs["sinks"])
     score_attrs = {"scale": _ref("scale", _FLOAT)}
     if attrs.softcap:
         score_attrs["softcap"] = _ref("softcap", _FLOAT)
-    mixed = b.call(variant, [q, key, value, inputs["bias"]], score_attrs, name="sdpa")
+    mixed = b.call(variant, scores_in, score_attrs, name="sdpa")
     merged = b.call(MergeHeads, [mixed], name="merge_heads")
     output = linear("o", merged)
     for value_out, label in ((output, "output"), (key, "present_key"), (value, "present_value")):
@@ -239,7 +255,9 @@ def self_attention_block(
     ``[in, out]`` are required). ``bias_B1ST`` is the additive mask (causality, window and
     padding already in it; ``window`` is recorded for the compiler). ``rope`` is ``none``,
     ``halves`` or ``interleaved`` with ``cos_sin [B, S, rotary_dim / 2]``. ``alibi``: the
-    bias is per query head ``[B, H, S, T]`` (ALiBi added to the mask)."""
+    bias is per query head ``[B, H, S, T]`` (ALiBi added to the mask). A ``sinks`` weight
+    ``[num_heads]`` adds one learned logit per query head to every row's softmax (GPT-OSS's
+    attention sinks; not with a softcap or ALiBi)."""
     _check_heads(num_heads, kv_heads, head_dim)
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else _check_positive("scale", scale)
     softcap = _check_positive("softcap", softcap) or 0.0
@@ -259,6 +277,10 @@ def self_attention_block(
     if missing:
         raise ValueError(f"attention block: missing weights {missing}")
     require_rank(x_BSC, 3, "x")
+    if "sinks" in weights:
+        _check_sinks(weights["sinks"], num_heads, softcap=bool(softcap), ssmax=False)
+        if alibi:
+            raise ValueError("attention sinks with ALiBi are not supported")
     roles = ("x", *(r for r in ROLES if r in weights))
     values = [x_BSC, *(weights[r] for r in roles[1:])]
     if cos_sin is not None:
@@ -279,6 +301,7 @@ def self_attention_block(
         qk_norm_epsilon=_check_epsilon(qk_norm_epsilon) if qk_norm != "none" else 0.0,
         clip_qkv=clip_qkv,
         alibi=int(bool(alibi)),
+        sinks=int("sinks" in weights),
         input_roles=roles,
     )
     function_name = _structure_name(roles, attrs)

@@ -23,8 +23,10 @@ from graphattn.compiler.blocks import (
 
 
 def _why_not(block: Block, ctx: Context) -> str | None:
-    # Attention-23 computes every block our builder emits; the rule exists so that a future
-    # block kind (sinks, ALiBi per head, ...) must say here why it does not fit.
+    # Attention-23 computes every other block our builder emits; a block kind it cannot
+    # express says why here (the block is then decomposed).
+    if block.attrs.sinks:
+        return "attention sinks: opset-23 Attention has no per-head softmax sink logit"
     return None
 
 

@@ -16,7 +16,10 @@ left-padded row that is the model's position plus the row's pad count: every que
 the row is shifted by the same amount, and RoPE scores depend only on position differences,
 so the attention is the same (to float rounding) as with ``position_ids``. Causality and a
 sliding window (``local_window_size``) are the kernel's own; ``attention_bias`` only drops pad
-keys. A block the kernel cannot express (not causal, a mask other than the decoder's causal
+keys. Attention sinks (GPT-OSS) are the kernel's ``head_sink [num_heads]`` input: one logit per
+head in every row's softmax denominator, as the block computes (onnxruntime 1.30 and newer,
+so every version graphattn lowers for, :data:`~graphattn.compiler.ort_version.HEAD_SINK_SINCE`).
+A block the kernel cannot express (not causal, a mask other than the decoder's causal
 ``AttentionBias``, head_dim not a multiple of 16, RoPE whose frequencies change per call)
 keeps opset-23 Attention, and the rule says why (``inspect --explain``).
 
@@ -51,6 +54,7 @@ from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, attribute
 from graphattn.ops.domain import DOMAIN, MASKED_BIAS
 
 DEFAULT_CONTEXT = 4096
+HEAD_SINK_INPUT = 11  # GroupQueryAttention's input index of head_sink (attention sinks)
 QUERY_SEQLENS_INPUT = 16  # GroupQueryAttention's input index of query_seqlens (1.32+)
 
 
@@ -223,6 +227,8 @@ def _apply(block: Block, ctx: Context) -> None:
         attrs["softcap"] = a.softcap
     inputs = [q, k, v, block.inputs["past_key"], block.inputs["past_value"]]
     inputs += [shared.seqlens_k, shared.total_sequence_length, *tables, None, bias]
+    if a.sinks:
+        inputs.append(e.like_activations(block.inputs["sinks"], q, "sinks"))
     if shared.query_seqlens is not None:
         inputs += [None] * (QUERY_SEQLENS_INPUT - len(inputs)) + [shared.query_seqlens]
     output, key, value = e.op(

@@ -16,6 +16,10 @@ OLDEST_ORT_VERSION = "1.30"
 # GroupQueryAttention's ``query_seqlens`` input (a batch continuing several tokens after a
 # past in one call): onnxruntime 1.32 and newer; 1.30's kernel takes at most 16 inputs.
 QUERY_SEQLENS_SINCE = "1.32"
+# GroupQueryAttention's ``head_sink`` input (attention sinks, GPT-OSS): present, with a CPU
+# kernel, in 1.30 and 1.32 (checked in tests/test_attention_sinks.py), so in every version
+# graphattn lowers for; the lowering therefore needs no version check for it.
+HEAD_SINK_SINCE = OLDEST_ORT_VERSION
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -35,6 +39,11 @@ def check_ort_version(text: str) -> str:
             " graphattn lowers for"
         )
     return f"{version[0]}.{version[1]}"
+
+
+def has_head_sink(ort_version: str) -> bool:
+    """Whether GroupQueryAttention of ``ort_version`` takes ``head_sink``."""
+    return parse_version(ort_version) >= parse_version(HEAD_SINK_SINCE)
 
 
 def has_query_seqlens(ort_version: str) -> bool:
