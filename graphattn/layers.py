@@ -111,6 +111,8 @@ def attention(
         for kind in ("weight", "bias"):
             if f"{prefix}{part}.{kind}" in w:
                 weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    if spec.sinks or f"{prefix}sinks" in w:  # attention sinks [H] (GPT-OSS)
+        weights["sinks"] = w[f"{prefix}sinks"]
     qk_norm = "none"
     if spec.qk_norm is not None:
         qk_norm = f"{spec.qk_norm.kind}_{spec.qk_norm_scope}"
