@@ -187,6 +187,13 @@ def _moe(config: Mapping[str, object], version: int) -> MoeSpec:
 def _config_from_hf(config: Mapping[str, object], version: int) -> ModelConfig:
     model_type = f"deepseek_v{version}"
     refuse(config, V2_REFUSED if version == 2 else V3_REFUSED)
+    quantized = config.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, Mapping) else quantized
+        raise ValueError(
+            f"config.json quantization_config (quant_method {method!r}) is not supported: export"
+            " a checkpoint with float weights (DeepSeek-V3's fp8 blocks dequantized to bf16)"
+        )
     hidden = integer(config, "hidden_size")
     heads = integer(config, "num_attention_heads")
     kv_heads = integer(config, "num_key_value_heads", default=heads)

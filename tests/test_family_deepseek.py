@@ -311,3 +311,103 @@ def test_refused_keys_are_named(config, key, value):
     changed = {**config, key: value}
     with pytest.raises(ValueError, match=key):
         architecture_for(changed).config_from_hf(changed)
+
+
+# config.json of the published checkpoints (sizes and routing keys as deepseek-ai ships them;
+# only the config is read here, nothing is downloaded).
+V2_LITE_PUBLISHED = {
+    "model_type": "deepseek_v2",
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "vocab_size": 102400,
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_shared_experts": 2,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 6,
+    "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 512,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+}
+V3_PUBLISHED = {
+    **V2_LITE_PUBLISHED,
+    "model_type": "deepseek_v3",
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "routed_scaling_factor": 2.5,
+    "q_lora_rank": 1536,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "num_nextn_predict_layers": 1,
+    "ep_size": 1,
+    "rope_scaling": {**V2_LITE_PUBLISHED["rope_scaling"], "mscale": 1.0, "mscale_all_dim": 1.0},
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def test_published_configs_map():
+    lite = architecture_for(V2_LITE_PUBLISHED).config_from_hf(V2_LITE_PUBLISHED)
+    attention = lite.layers[0].attention
+    mscale = 0.1 * 0.707 * np.log(40) + 1
+    assert attention.scale == pytest.approx(192**-0.5 * mscale**2)
+    assert attention.latent.q_lora_rank is None and attention.rope.interleaved
+    assert [layer.mlp.kind for layer in lite.layers] == ["gated"] + ["moe"] * 26
+    assert lite.layers[1].mlp.moe.shared_size == 2 * 1408
+    v3 = architecture_for(V3_PUBLISHED).config_from_hf(V3_PUBLISHED)
+    assert [layer.mlp.kind for layer in v3.layers[:4]] == ["gated"] * 3 + ["moe"]
+    moe = v3.layers[3].mlp.moe
+    assert (moe.num_experts, moe.top_k, moe.groups, moe.topk_groups) == (256, 8, 8, 4)
+    assert v3.cache[0][1][-1] + v3.cache[1][1][-1] == 576  # cached values per token per layer
+    plan = architecture_for(V3_PUBLISHED).weights(v3)
+    assert plan["layers.3.k_up.weight"].graph_shape == (128, 128, 512)
+    assert plan["layers.3.v_up.weight"].graph_shape == (128, 512, 128)
+    assert plan["layers.3.mlp.router.score_bias"].source.endswith("e_score_correction_bias")
+    fp8 = {**V3_PUBLISHED, "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(ValueError, match="quantization_config"):
+        architecture_for(fp8).config_from_hf(fp8)
