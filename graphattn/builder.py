@@ -5,8 +5,12 @@ I/O follows Optimum / ONNX Runtime GenAI so their apps run our files unchanged:
 total_sequence_length]``, ``position_ids [batch_size, sequence_length]`` (int64),
 ``past_key_values.{i}.key|value [batch_size, kv_heads, past_sequence_length, head_dim]`` →
 ``logits [batch_size, sequence_length, vocab]``, ``present.{i}.key|value [batch_size, kv_heads,
-total_sequence_length, head_dim]``. The symbolic dims carry exactly those names (transformers.js
-builds its empty cache from them and resolves only ``batch_size``).
+total_sequence_length, head_dim]``. Each layer's cache tensors are its
+:attr:`~graphattn.spec.AttentionSpec.cache` (MLA: ``past_key_values.{i}.latent [batch_size,
+past_sequence_length, kv_lora_rank]`` and ``.rope_key [batch_size, past_sequence_length,
+qk_rope_head_dim]``, presents likewise with ``total_sequence_length``). The symbolic dims
+carry exactly those names (transformers.js builds its empty cache from them and resolves only
+``batch_size``).
 
 Shared per graph: one attention bias per distinct (causal, window) and one cos/sin pair per
 distinct RoPE (Gemma 3's local and global layers rotate with different bases).
@@ -47,13 +51,12 @@ def build_decoder(
     input_ids = g.input("input_ids", INT64, [BATCH, SEQUENCE])
     attention_mask = g.input("attention_mask", INT64, [BATCH, TOTAL])
     position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
-    past_shape = [BATCH, cfg.kv_heads, PAST, cfg.head_dim]
     pasts = [
-        (
-            g.input(f"past_key_values.{i}.key", dtype, past_shape),
-            g.input(f"past_key_values.{i}.value", dtype, past_shape),
+        tuple(
+            g.input(f"past_key_values.{i}.{name}", dtype, list(dims))
+            for name, dims in layer.attention.cache
         )
-        for i in range(cfg.num_layers)
+        for i, layer in enumerate(cfg.layers)
     ]
 
     hidden = g.op("Gather", [w["embed_tokens"], input_ids], name="embed_tokens")
@@ -95,11 +98,9 @@ def build_decoder(
                     g, position_ids, spec.rope, name=f"rotary{suffix}"
                 )
             cos_sin = rotations[spec.rope.key]
-        io = LayerInputs(biases[mask_key], cos_sin, *pasts[i])
-        hidden, present_key, present_value = decoder_layer(
-            g, layer, hidden, w, i, io, cfg.hidden_size
-        )
-        presents.append((present_key, present_value))
+        io = LayerInputs(biases[mask_key], cos_sin, pasts[i])
+        hidden, layer_presents = decoder_layer(g, layer, hidden, w, i, io, cfg.hidden_size)
+        presents.append(layer_presents)
 
     if last_logits_only:
         last = g.initializer("last_position", np.array([-1], dtype=np.int64))
@@ -109,10 +110,10 @@ def build_decoder(
     logits = final_logits(g, hidden, w, cfg)
     logits_length = 1 if last_logits_only else SEQUENCE
     g.output(logits, "logits", dtype, [BATCH, logits_length, cfg.vocab_size])
-    present_shape = [BATCH, cfg.kv_heads, TOTAL, cfg.head_dim]
-    for i, (present_key, present_value) in enumerate(presents):
-        g.output(present_key, f"present.{i}.key", dtype, present_shape)
-        g.output(present_value, f"present.{i}.value", dtype, present_shape)
+    for i, (layer, layer_presents) in enumerate(zip(cfg.layers, presents)):
+        for (name, dims), present in zip(layer.attention.cache, layer_presents):
+            shape = [TOTAL if d == PAST else d for d in dims]
+            g.output(present, f"present.{i}.{name}", dtype, shape)
     model = g.model(producer_version=__version__)
     model.metadata_props[CONTEXT_KEY] = str(supported_context(cfg))
     return model

@@ -21,6 +21,7 @@ from graphattn import ops
 from graphattn.ops import GraphEmitter
 from graphattn.ops.attention import Softcap
 from graphattn.ops.attention_block import self_attention_block
+from graphattn.ops.mla import latent_attention_block
 from graphattn.spec import AttentionSpec, LayerSpec, MlpSpec, NormSpec
 
 
@@ -60,12 +61,13 @@ class Weights:
 @dataclass(frozen=True)
 class LayerInputs:
     """What every layer reads besides its weights: the attention bias per (causal, window),
-    the cos/sin per RoPE key, and this layer's past key/value ``[B, Hkv, P, D]``."""
+    the cos/sin per RoPE key, and this layer's past cache tensors in
+    :attr:`~graphattn.spec.AttentionSpec.cache` order (key/value ``[B, Hkv, P, D]``, or the
+    latent ``[B, P, kv_lora_rank]`` and rope key ``[B, P, qk_rope_head_dim]``)."""
 
     bias: ir.Value
     cos_sin: tuple[ir.Value, ir.Value] | None
-    past_key: ir.Value
-    past_value: ir.Value
+    pasts: tuple[ir.Value, ...]
 
 
 def scaled(g: GraphEmitter, w: Weights, x: ir.Value, factor: float | None, name: str):
@@ -104,8 +106,12 @@ def attention(
     prefix: str,
     io: LayerInputs,
     scope: str,
-) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One semantic attention block (:mod:`graphattn.ops.attention_block`)."""
+) -> tuple[ir.Value, ...]:
+    """One semantic attention block (:mod:`graphattn.ops.attention_block`, or
+    :mod:`graphattn.ops.mla` when ``spec.latent``): ``(output, *presents)`` with the presents
+    in ``spec.cache`` order."""
+    if spec.latent is not None:
+        return latent_attention(g, spec, x, w, prefix, io, scope)
     weights = {}
     for part in ("q", "k", "v", "o", "q_norm", "k_norm"):
         for kind in ("weight", "bias"):
@@ -122,8 +128,8 @@ def attention(
         x,
         weights,
         bias_B1ST=io.bias,
-        past_key_BKPD=io.past_key,
-        past_value_BKPD=io.past_value,
+        past_key_BKPD=io.pasts[0],
+        past_value_BKPD=io.pasts[1],
         num_heads=spec.num_heads,
         kv_heads=spec.kv_heads,
         head_dim=spec.head_dim,
@@ -137,6 +143,52 @@ def attention(
         qk_norm_epsilon=spec.qk_norm.epsilon if spec.qk_norm is not None else 1e-6,
         clip_qkv=spec.clip_qkv,
         alibi=spec.alibi_slopes is not None,
+        name=f"{scope}/attn",
+    )
+
+
+def latent_attention(
+    g: GraphEmitter,
+    spec: AttentionSpec,
+    x: ir.Value,
+    w: Weights,
+    prefix: str,
+    io: LayerInputs,
+    scope: str,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Multi-head latent attention (:mod:`graphattn.ops.mla`): ``(output [B, S, C],
+    present_latent [B, T, kv_lora_rank], present_rope_key [B, T, qk_rope_head_dim])``."""
+    lat = spec.latent
+    if spec.rope is None or io.cos_sin is None:
+        raise ValueError(
+            f"{prefix}: latent attention needs RoPE on qk_rope_head_dim={lat.qk_rope_head_dim}"
+        )
+    if lat.norm.kind != "rms":
+        raise ValueError(f"{prefix}: latent attention norm must be rms, got {lat.norm.kind!r}")
+    roles = ("q", "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "k_up", "v_up", "o")
+    weights = {f"{r}_weight": w[f"{prefix}{r}.weight"] for r in roles if f"{prefix}{r}.weight" in w}
+    biases = sorted(f"{prefix}{r}.bias" for r in roles if f"{prefix}{r}.bias" in w)
+    if biases:
+        raise ValueError(f"latent attention has no projection biases, the plan has {biases}")
+    return latent_attention_block(
+        g,
+        x,
+        weights,
+        bias_B1ST=io.bias,
+        past_latent_BPR=io.pasts[0],
+        past_rope_key_BPP=io.pasts[1],
+        cos_sin=io.cos_sin,
+        num_heads=spec.num_heads,
+        kv_lora_rank=lat.kv_lora_rank,
+        qk_nope_head_dim=lat.qk_nope_head_dim,
+        qk_rope_head_dim=lat.qk_rope_head_dim,
+        v_head_dim=lat.v_head_dim,
+        q_lora_rank=lat.q_lora_rank,
+        scale=spec.effective_scale,
+        epsilon=lat.norm.epsilon,
+        rope="interleaved" if spec.rope.interleaved else "halves",
+        form=lat.form,
+        window=spec.window,
         name=f"{scope}/attn",
     )
 
@@ -198,8 +250,10 @@ def decoder_layer(
     index: int,
     io: LayerInputs,
     hidden_size: int,
-) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One layer: returns ``(hidden [B, S, C], present_key, present_value)``."""
+) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """One layer: returns ``(hidden [B, S, C], presents)``, the presents in the layer's
+    ``AttentionSpec.cache`` order (``present_key, present_value`` or ``present_latent,
+    present_rope_key``)."""
     scope, prefix = f"layers.{index}", f"layers.{index}."
 
     def normed(place: str, x: ir.Value) -> ir.Value:
@@ -212,17 +266,17 @@ def decoder_layer(
         return g.op("Add", [a, branch], name=f"{scope}/{name}")
 
     x = normed("attn_norm", hidden)
-    attended, present_key, present_value = attention(g, spec.attention, x, w, prefix, io, scope)
+    attended, *presents = attention(g, spec.attention, x, w, prefix, io, scope)
     attended = normed("post_attn_norm", attended)
     if spec.residual == "parallel":
         mlp_in = normed("mlp_norm", hidden) if "mlp_norm" in spec.norms else x
         fed = normed("post_mlp_norm", mlp(g, spec.mlp, mlp_in, w, f"{prefix}mlp.", f"{scope}/mlp"))
         both = g.op("Add", [attended, fed], name=f"{scope}/parallel")
-        return add(hidden, both, "residual"), present_key, present_value
+        return add(hidden, both, "residual"), tuple(presents)
     hidden = add(hidden, attended, "attn_residual")
     fed = mlp(g, spec.mlp, normed("mlp_norm", hidden), w, f"{prefix}mlp.", f"{scope}/mlp")
     hidden = add(hidden, normed("post_mlp_norm", fed), "mlp_residual")
-    return hidden, present_key, present_value
+    return hidden, tuple(presents)
 
 
 def final_logits(g: GraphEmitter, hidden: ir.Value, w: Weights, cfg) -> ir.Value:

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from graphattn.compiler.rewrite import add_initializer, take_over
 from graphattn.ops.attention_block import BlockAttributes, is_block
+from graphattn.ops.mla import LatentAttributes, is_latent_block
 from graphattn.spec import LOWERING_KEY
 
 
@@ -33,13 +34,21 @@ class Block:
     """One block call: its node, attributes and inputs by role."""
 
     node: ir.Node
-    attrs: BlockAttributes
+    attrs: BlockAttributes | LatentAttributes
     inputs: dict[str, ir.Value]
 
     @classmethod
     def of(cls, node: ir.Node) -> Block:
-        attrs = BlockAttributes.of(node)
+        if is_latent_block(node):
+            attrs = LatentAttributes.of(node)
+        else:
+            attrs = BlockAttributes.of(node)
         return cls(node, attrs, dict(zip(attrs.input_roles, node.inputs)))
+
+    @property
+    def latent(self) -> bool:
+        """Whether this is a multi-head latent attention block (:mod:`graphattn.ops.mla`)."""
+        return isinstance(self.attrs, LatentAttributes)
 
     @property
     def scope(self) -> str:
@@ -168,25 +177,34 @@ def replace_block(ctx: Context, block: Block, output, present_key, present_value
 @dataclass(frozen=True)
 class Rule:
     """A lowering: ``why_not(block, ctx)`` returns the reason it cannot take the block (or
-    None), ``apply(block, ctx)`` emits the replacement."""
+    None), ``apply(block, ctx)`` emits the replacement. ``latent``: the rule lowers latent
+    attention blocks (and only those); the others decline them with "latent attention"."""
 
     kernel: str
     why_not: Callable[[Block, Context], str | None]
     apply: Callable[[Block, Context], None]
+    latent: bool = False
 
 
 def lower_blocks(ctx: Context, rules: Sequence[Rule]) -> list[dict]:
     """Try ``rules`` in order on every block; returns one decision per block:
     ``{"layer", "kernel", "reasons": {kernel: reason}}`` (kernel ``decomposed`` when no
-    rule applied: the block is then inlined and lowered op by op)."""
+    rule applied: the block is then inlined and lowered op by op). A latent attention block
+    is declined by every ordinary rule ("latent attention") except one whose kernel a latent
+    rule provides; ordinary blocks never see the latent rules."""
     decisions = []
+    latent_kernels = {rule.kernel for rule in rules if rule.latent}
     for node in list(ctx.graph):
-        if not is_block(node):
+        if not (is_block(node) or is_latent_block(node)):
             continue
         block = Block.of(node)
         reasons: dict[str, str] = {}
         chosen = "decomposed"
         for rule in rules:
+            if rule.latent != block.latent:
+                if block.latent and rule.kernel not in latent_kernels:
+                    reasons[rule.kernel] = "latent attention"
+                continue
             reason = rule.why_not(block, ctx)
             if reason is None:
                 rule.apply(block, ctx)
@@ -213,7 +231,10 @@ def explain(metadata: dict[str, str]) -> list[str]:
     decisions = json.loads(raw)
     lines, groups = ["attention lowering (per layer):"], []
     for decision in decisions:
-        key = (decision["kernel"], tuple(sorted(decision["reasons"].items())))
+        kernel = decision["kernel"]
+        if decision.get("detail"):
+            kernel = f"{kernel} ({decision['detail']})"
+        key = (kernel, tuple(sorted(decision["reasons"].items())))
         if groups and groups[-1][1] == key:
             groups[-1][0].append(decision["layer"])
         else:

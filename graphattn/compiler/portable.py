@@ -25,6 +25,7 @@ import onnx_ir.passes.common as common
 from graphattn.compiler.attention3d import ATTENTION_RULE
 from graphattn.compiler.blocks import Context, lower_blocks, record
 from graphattn.compiler.grouped_query import GROUPED_QUERY_RULE
+from graphattn.compiler.latent import INLINED_PREFIX, LATENT_RULE
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
 
@@ -124,14 +125,20 @@ def lower_attention_blocks(
     onnxruntime 1.32+; then Attention); inline those no rule took. Returns the decisions."""
     graph = model.graph
     ctx = Context(graph, _float_dtype(graph), grouped_query_context or 0, query_seqlens)
-    rules = [ATTENTION_RULE]
+    rules = [ATTENTION_RULE, LATENT_RULE]
     if grouped_query_context is not None:
         rules.insert(0, GROUPED_QUERY_RULE)
     decisions = lower_blocks(ctx, rules)
-    if any(d["kernel"] == "decomposed" for d in decisions):
+    for decision in decisions:  # latent blocks: what their Attention computes
+        how = ctx.shared.get("latent_detail", {}).get(decision["layer"])
+        if how is not None:
+            decision["detail"] = how
+    if any(d["kernel"] == "decomposed" or "detail" in d for d in decisions):
         with _scoped_inline_names():
             common.InlinePass(
-                criteria=lambda f: f.domain == DOMAIN and f.name.startswith("SelfAttention")
+                criteria=lambda f: (
+                    f.domain == DOMAIN and f.name.startswith(("SelfAttention", INLINED_PREFIX))
+                )
             )(model)
     record(model, decisions)
     return decisions
