@@ -5,9 +5,8 @@ Attention: Llama's (q/k/v/o biases, split-halves RoPE with yarn, sliding layers 
 scores and ``sinks[h]``, and the sink's share is dropped. MLP: router ``x Wᵀ + b``, softmax
 over the top-k logits, each chosen expert ``(clip(up, ±L) + 1) · g σ(α g)`` with ``g =
 min(gate, L)`` where gate/up are the even/odd columns of ``x gate_up_proj[e] + bias``.
-Routing comes from ``tests/numpy_moe.py`` when it has ``moe_reference``; the stand-in below
-computes the same from the definition otherwise. ``router_margins`` gives, per token, the gap
-between the k-th and (k+1)-th router logit (what makes a test's top-k choice robust).
+The MoE comes from ``tests/numpy_moe.py`` (``gpt_oss_moe``). ``router_margins`` gives, per
+token, the gap between the k-th and (k+1)-th router logit (what makes a top-k choice robust).
 """
 
 import math
@@ -42,38 +41,11 @@ def router_margins(logits, top_k):
     return ordered[:, top_k - 1] - ordered[:, top_k]
 
 
-def _experts_standin(w, prefix, x, config):
-    """GPT-OSS's MoE from its definition: top-k of the logits, softmax among them, clamped
-    SwiGLU experts with biases."""
-    top_k, limit = config["num_experts_per_tok"], config.get("swiglu_limit", 7.0)
-    alpha = config.get("swiglu_alpha", 1.702)
-    logits = router_logits(w, prefix, x)
-    out = np.zeros_like(x)
-    gate_up, gate_up_bias = (
-        w[prefix + "experts.gate_up_proj"],
-        w[prefix + "experts.gate_up_proj_bias"],
-    )
-    down, down_bias = w[prefix + "experts.down_proj"], w[prefix + "experts.down_proj_bias"]
-    for n in range(x.shape[0]):
-        chosen = np.argsort(-logits[n], kind="stable")[:top_k]
-        weights = np.exp(logits[n, chosen] - logits[n, chosen].max())
-        weights = weights / weights.sum()
-        for e, weight in zip(chosen, weights):
-            both = x[n] @ gate_up[e] + gate_up_bias[e]
-            gate, up = np.minimum(both[0::2], limit), np.clip(both[1::2], -limit, limit)
-            glu = gate / (1 + np.exp(-alpha * gate))
-            out[n] += weight * ((up + 1) * glu @ down[e] + down_bias[e])
-    return out
-
-
 def moe(w, prefix, x, config):
-    """The MoE block on ``x [N, C]`` (numpy_moe's reference when it exists)."""
-    try:
-        import numpy_moe
-    except ImportError:
-        return _experts_standin(w, prefix, x, config)
-    if not hasattr(numpy_moe, "gpt_oss_moe"):
-        return _experts_standin(w, prefix, x, config)
+    """The MoE block on ``x [N, C]``: ``numpy_moe.gpt_oss_moe`` (written from the routing
+    definitions, fed HF's fused tensors)."""
+    import numpy_moe  # imported where used: the attention helpers above do not need it
+
     return numpy_moe.gpt_oss_moe(w, prefix, x, config)
 
 
