@@ -9,8 +9,9 @@ V3 with ``rope_interleave`` as HF computes it (rotated evens, then rotated odds:
 permutation of the same channels for queries and keys, so the scores are the pairs' rotation),
 else split halves. Score scale ``qk_head_dim^-0.5 · mscale(factor, mscale_all_dim)²``.
 
-The MoE layers route through ``numpy_moe`` (written from the routing definitions, graph-layout
-roles): HF's torch-layout names are converted here.
+The MoE layers run through ``numpy_moe.moe_reference`` (written from the routing definitions,
+graph-layout roles): HF's torch-layout names are converted and the config's routing read here
+(:func:`moe_roles`, :func:`moe_spec`).
 
 ``forward`` returns logits ``[B, S, V]`` and presents ``[(latent [B, T, kv_lora_rank],
 rope_key [B, T, qk_rope_head_dim])]`` per layer, the rope key rotated with its pairs in place
@@ -143,47 +144,54 @@ def _swiglu(w, m, x):
     return _lin(_silu(gate) * up, w[m + "down_proj.weight"])
 
 
-def _route(w, config, m, x, version):
-    """(expert indices [N, k], weights [N, k]) of tokens x [N, C], from HF's router math."""
-    experts, top_k = config["n_routed_experts"], config["num_experts_per_tok"]
-    logits = _lin(x, w[m + "gate.weight"])
+def moe_spec(config, version) -> dict:
+    """numpy_moe's routing facts for a DeepSeek config, as transformers' routers apply them:
+    V2 softmax, top-k of all (``greedy``) or within the ``topk_group`` groups of best single
+    score (``group_limited_greedy``), never renormalized; V3 sigmoid, selection with the
+    correction bias, groups by the sum of their top 2, renormalized when ``norm_topk_prob``;
+    both × ``routed_scaling_factor``."""
+    spec = {
+        "num_experts": config["n_routed_experts"],
+        "top_k": config["num_experts_per_tok"],
+        "scaling": config.get("routed_scaling_factor", 1.0),
+        "activation": config.get("hidden_act", "silu"),
+    }
     if version == 2:
-        scores = np.exp(logits - logits.max(-1, keepdims=True))
-        scores = scores / scores.sum(-1, keepdims=True)
-        choice = scores.copy()
-        if config.get("topk_method", "greedy") == "group_limited_greedy":
-            groups, keep = config["n_group"], config["topk_group"]
-            group_best = choice.reshape(len(x), groups, -1).max(-1)
-            dropped = np.argsort(-group_best, axis=-1, kind="stable")[:, keep:]
-            grouped = choice.reshape(len(x), groups, -1)
-            for n in range(len(x)):
-                grouped[n, dropped[n]] = -np.inf
+        grouped = config.get("topk_method", "greedy") == "group_limited_greedy"
+        spec.update(scores="softmax", normalize=False, group_score="max")
+        if grouped:
+            spec.update(groups=config["n_group"], topk_groups=config["topk_group"])
     else:
-        scores = 1 / (1 + np.exp(-logits))
-        choice = scores + w[m + "gate.e_score_correction_bias"]
-        groups, keep = config.get("n_group") or 1, config.get("topk_group") or 1
-        grouped = choice.reshape(len(x), groups, -1)
-        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
-        dropped = np.argsort(-group_score, axis=-1, kind="stable")[:, keep:]
-        for n in range(len(x)):
-            grouped[n, dropped[n]] = -np.inf
-    index = np.argsort(-choice, axis=-1, kind="stable")[:, :top_k]
-    weight = np.take_along_axis(scores, index, axis=-1)
-    if version == 3 and config.get("norm_topk_prob", True):
-        weight = weight / (weight.sum(-1, keepdims=True) + 1e-20)
-    weight = weight * config.get("routed_scaling_factor", 1.0)
-    del experts
-    return index, weight
+        spec.update(
+            scores="sigmoid",
+            normalize=config.get("norm_topk_prob", True),
+            group_score="top2_sum",
+            groups=config.get("n_group") or 1,
+            topk_groups=config.get("topk_group") or 1,
+        )
+    return spec
+
+
+def moe_roles(w, config, m) -> dict:
+    """The MoE tensors under ``m`` (``model.layers.{i}.mlp.``) in numpy_moe's graph-layout
+    roles: torch ``[out, in]`` matrices transposed, the V3 correction bias as
+    ``router.score_bias``, ``shared_experts`` as ``shared``."""
+    roles = {"router.weight": w[m + "gate.weight"].T}
+    if m + "gate.e_score_correction_bias" in w:
+        roles["router.score_bias"] = w[m + "gate.e_score_correction_bias"]
+    for e in range(config["n_routed_experts"]):
+        for role in ("gate", "up", "down"):
+            roles[f"experts.{e}.{role}_weight"] = w[f"{m}experts.{e}.{role}_proj.weight"].T
+    for role in ("gate", "up", "down"):
+        roles[f"shared.{role}_weight"] = w[f"{m}shared_experts.{role}_proj.weight"].T
+    return roles
 
 
 def _moe(w, config, m, x, version):
+    import numpy_moe  # imported where used: other families' forwards do not need it
+
     flat = x.reshape(-1, x.shape[-1])
-    index, weight = _route(w, config, m, flat, version)
-    out = np.zeros_like(flat)
-    for n in range(len(flat)):
-        for e, g in zip(index[n], weight[n]):
-            out[n] += g * _swiglu(w, f"{m}experts.{e}.", flat[n : n + 1])[0]
-    out = out + _swiglu(w, m + "shared_experts.", flat)
+    out = numpy_moe.moe_reference(flat, moe_roles(w, config, m), moe_spec(config, version))
     return out.reshape(x.shape)
 
 

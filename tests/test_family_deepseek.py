@@ -16,6 +16,8 @@ import json
 import families
 import numpy as np
 import numpy_forward
+import numpy_forward_deepseek
+import numpy_moe
 import pytest
 from decoder_runner import Decoder, positions_for
 from harness import assert_close
@@ -102,52 +104,25 @@ V3_YARN = {  # yarn RoPE with mscale ≠ mscale_all_dim (cos/sin factor) and the
 
 
 # ------------------------------------------------------------------------ router margins
-def router_margins(config: dict, logits: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Per token [N]: the smallest of the expert margin (k-th vs (k+1)-th selection score among
-    the kept groups) and the group margin (topk_group-th vs next group score), from the
-    router logits [N, E] as transformers' DeepSeek routers score them."""
-    logits = logits.astype(np.float64)
-    top_k = config["num_experts_per_tok"]
-    if config["model_type"] == "deepseek_v2":
-        choice = np.exp(logits - logits.max(-1, keepdims=True))
-        choice /= choice.sum(-1, keepdims=True)
-        grouped = config.get("topk_method") == "group_limited_greedy"
-        groups, kept = (config["n_group"], config["topk_group"]) if grouped else (1, 1)
-    else:
-        choice = 1 / (1 + np.exp(-logits)) + bias
-        groups, kept = config["n_group"], config["topk_group"]
-    by_group = choice.reshape(len(choice), groups, -1)
-    if config["model_type"] == "deepseek_v2":
-        group_score = by_group.max(-1)
-    else:
-        group_score = np.sort(by_group, -1)[..., -2:].sum(-1)
-    margins = np.full(len(choice), np.inf)
-    order = np.argsort(-group_score, axis=-1)
-    if kept < groups:
-        ranked = np.take_along_axis(group_score, order, -1)
-        margins = ranked[:, kept - 1] - ranked[:, kept]
-    allowed = np.zeros_like(group_score, dtype=bool)
-    np.put_along_axis(allowed, order[:, :kept], True, -1)
-    masked = np.where(np.repeat(allowed, choice.shape[1] // groups, -1), choice, -np.inf)
-    ranked = -np.sort(-masked, -1)
-    return np.minimum(margins, ranked[:, top_k - 1] - ranked[:, top_k])
-
-
 class MarginRecorder:
-    """Forward hooks on every HF gate module: the router margins of each call's real tokens."""
+    """Forward hooks on every HF gate module: numpy_moe.router_margins of each call's tokens
+    (the gate's input, its weight and correction bias, the config's routing)."""
 
     def __init__(self, model, config: dict) -> None:
-        self.config, self.calls, self.masks = config, [], []
+        version = 2 if config["model_type"] == "deepseek_v2" else 3
+        self.spec, self.calls = numpy_forward_deepseek.moe_spec(config, version), []
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None and hasattr(gate, "top_k"):
                 gate.register_forward_hook(self._record)
 
     def _record(self, module, inputs, outputs) -> None:
+        x = inputs[0].detach().double().numpy()
+        roles = {"router.weight": module.weight.detach().double().numpy().T}
         bias = getattr(module, "e_score_correction_bias", None)
-        bias = np.zeros(1) if bias is None else bias.detach().double().numpy()
-        logits = outputs[0].detach().double().numpy()
-        self.calls.append(router_margins(self.config, logits, bias))
+        if bias is not None:
+            roles["router.score_bias"] = bias.detach().double().numpy()
+        self.calls.append(numpy_moe.router_margins(x.reshape(-1, x.shape[-1]), roles, self.spec))
 
     def smallest(self, masks: list[np.ndarray], moe_layers: int) -> float:
         """The smallest margin over real tokens; ``masks``: each call's attention mask of its
