@@ -21,9 +21,11 @@ import math
 
 import numpy as np
 import numpy_forward as nf
+import numpy_moe
 import numpy_reference as ref
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}  # HF → numpy_moe
 # HF module names: (MoE module, expert gate / up / down, shared expert, shared gate)
 NAMES = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"), None, None),
@@ -85,23 +87,18 @@ def moe_spec(config) -> dict:
         "top_k": config["num_experts_per_tok"],
         "scores": "softmax",
         "normalize": config["model_type"] == "mixtral" or bool(config.get("norm_topk_prob")),
+        "activation": ACTIVATIONS[config.get("hidden_act", "silu")],
     }
-
-
-def _silu(x):
-    return x / (1 + np.exp(-x))
 
 
 def _mlp(w, config, layer: int, x):
     """x [B, S, C] → the layer's MLP output [B, S, C]."""
     if not sparse(config, layer):
         m = f"model.layers.{layer}.mlp."
+        act = nf.ACT[config.get("hidden_act", "silu")]
         gate = nf._linear(x, w[m + "gate_proj.weight"])
-        return nf._linear(
-            _silu(gate) * nf._linear(x, w[m + "up_proj.weight"]), w[m + "down_proj.weight"]
-        )
-    import numpy_moe  # imported where used: other families' forwards do not need it
-
+        up = nf._linear(x, w[m + "up_proj.weight"])
+        return nf._linear(act(gate) * up, w[m + "down_proj.weight"])
     flat = x.reshape(-1, x.shape[-1])
     out = numpy_moe.moe_reference(flat, moe_roles(w, config, layer), **moe_spec(config))
     return out.reshape(x.shape)
