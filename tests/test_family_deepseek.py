@@ -28,6 +28,7 @@ pytest.importorskip("transformers", reason="the hf extra is not installed")
 pytestmark = pytest.mark.hf
 
 MARGIN = 1e-3
+HF_MODEL = families.hf_model  # before any test patches families.hf_model
 TINY = {
     "vocab_size": 96,
     "hidden_size": 64,
@@ -146,7 +147,7 @@ def seeded_model(config: dict, seed: int):
     not touch), with a MarginRecorder attached."""
     import torch
 
-    model = families.hf_model(config, seed=seed)
+    model = HF_MODEL(config, seed=seed)
     generator = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -184,6 +185,10 @@ def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
     smallest = recorder.smallest(_call_masks(4), _moe_layers(config))
     assert smallest > MARGIN, f"router margin {smallest:.3g} along the checked run"
     check_latent_cache(tmp_path, config, exports)
+    if "ort" in exports:  # GroupQueryAttention cannot take the latent block: opset-23 Attention
+        decisions = families.lowering(exports["ort"])
+        assert [d["kernel"] for d in decisions] == ["Attention"] * config["num_hidden_layers"]
+        assert decisions[0]["reasons"] == {"GroupQueryAttention": "latent attention"}
     return exports
 
 
