@@ -22,6 +22,7 @@ from graphattn.ops import GraphEmitter
 from graphattn.ops.attention import Softcap
 from graphattn.ops.attention_block import self_attention_block
 from graphattn.ops.mla import latent_attention_block
+from graphattn.ops.moe import moe_block
 from graphattn.spec import AttentionSpec, LayerSpec, MlpSpec, NormSpec
 
 
@@ -213,6 +214,25 @@ def _linear(g: GraphEmitter, x: ir.Value, w: Weights, role: str, name: str) -> i
 def mlp(g: GraphEmitter, spec: MlpSpec, x: ir.Value, w: Weights, prefix: str, scope: str):
     """The feed-forward block; SwiGLU and GPT-2's GELU MLP keep their own functions."""
     roles, m = w.roles_under(prefix), prefix
+    if spec.kind == "moe":
+        moe = spec.moe
+        return moe_block(
+            g,
+            x,
+            {r: w[f"{m}{r}"] for r in sorted(roles)},
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            scores=moe.scores,
+            normalize=moe.normalize,
+            scaling=moe.scaling,
+            groups=moe.groups,
+            topk_groups=moe.topk_groups,
+            group_score=moe.group_score,
+            activation=spec.activation,
+            swiglu_limit=moe.swiglu_limit,
+            swiglu_alpha=moe.swiglu_alpha,
+            name=scope,
+        )
     if spec.kind == "gated" and spec.activation == "silu" and not any("bias" in r for r in roles):
         picked = {r: w[f"{m}{r}"] for r in ("gate_weight", "up_weight", "down_weight")}
         return ops.swiglu_mlp(g, x, picked, name=scope)
