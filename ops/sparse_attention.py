@@ -1,0 +1,740 @@
+"""Sparse attention: native sparse attention (NSA) and sparse routed attention, in standard ops.
+
+Layouts: query ``[B, H, S, D]``; key/value ``[B, Hkv, T, D]`` (the past already appended, so
+T = P + S); ``attention_mask [B, T]`` int64 (1 = token, 0 = pad). Query ``i`` sits at slot
+``T - S + i``. Query head ``h`` reads KV head ``h // G`` (``G = H / Hkv``); every query head
+makes its own selection.
+
+**Blocks** (NSA's coarse blocks of ``L = block_size`` tokens, routed attention's segments of
+``L = segment_size``) are counted from each row's first real token: a key at slot ``t`` has
+relative position ``r = t - start`` (``start`` = first slot whose mask is 1) and lies in block
+``r // L``. A left-padded row therefore has the same blocks as the row alone. The causal rules:
+
+- a query sees a key iff the key is real (mask 1) and at or before the query's slot;
+- a block is a *candidate* for a query iff it holds at least one key the query sees: blocks
+  after the query's own block are never chosen; the query's own block is partially masked —
+  its mean key (NSA) or centroid (routed) is taken over the keys at or before the query only,
+  so a prefill gives exactly what decoding token by token gives;
+- a query with fewer than ``c`` (``f``, ``k``) candidates takes all it has; selections beyond
+  are dropped (TopK runs on ``min(c, blocks)`` with non-candidates scored ``-3e38``).
+
+**NativeSparseAttention** (query and key already rotated, as in a standard layer)::
+
+    coarse: mean_n = mean of the visible keys of block n; score_n = scale · q · mean_n;
+            O_c = softmax over the visible keys of the top-c blocks, at full resolution
+    fine:   O_f = softmax over the top-f visible keys by scale · q · k (TopK of those scores)
+    window: O_w = softmax over the visible keys at most W - 1 slots before the query
+    output  = σ(g_c) O_c + σ(g_f) O_f + σ(g_w) O_w
+
+The gates are learned logits per query head (the seed's ``gate_coarse/fine/window [H]``,
+initialised to 0 so each path weighs 0.5); the function takes any gate broadcastable to
+``[B, H, S, 1]``, so per-token gates ``[B, S, H]`` from a projection work too (the emitter
+reshapes either form).
+
+**SparseRoutedAttention** (query and key *before* RoPE; ``cos/sin [B, T, R]`` for every slot)::
+
+    centroid_n = mean of the visible (un-rotated) keys of segment n
+    route_n    = q · centroid_n / (max(|q|, 1e-12) · max(|centroid_n|, 1e-12))   (cosine)
+    output     = softmax over the visible keys of the top-k segments of
+                 scale · RoPE(q, pos_q) · RoPE(k_t, pos_t),  mixing the values v_t
+
+RoPE is split halves or interleaved on the first ``2R`` channels, each key rotated at its own
+slot's cos/sin (document-wise positions work: the tables carry whatever positions the caller
+computed). Its KV cache therefore holds keys *before* RoPE.
+
+**Decode with a KV cache**: the caches are the plain keys/values; nothing else is cached. Each
+step recomputes the block means (NSA) or centroids (routed) from the cached keys — a gather
+of every cached key into block order, a within-block CumSum and a division, O(T · D) per KV
+head — and the fine path scores every cached key (O(T · D) per query head), so a step is never
+cheaper than one pass over the cache. What the sparse forms save is the softmax and the value
+mix: ``c · L`` (or ``k · L``, ``f``, ``W``) keys instead of T.
+"""
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import BOOL, FLOAT, INT64
+
+from graphattn.ops.attention import GroupedScores, MaskedSoftmaxMix, _check_heads, _check_positive
+from graphattn.ops.domain import MASKED_BIAS, graphattn_function, op
+from graphattn.ops.emit import GraphEmitter, require_rank
+from graphattn.ops.masks import KeepToBias
+
+# Score of a block/key that may not be chosen: below any real score, so TopK ranks it last;
+# anything chosen at or below NOT_CHOSEN_BELOW is dropped afterwards.
+NOT_CANDIDATE = -3.0e38
+NOT_CHOSEN_BELOW = -1.0e38
+COSINE_EPSILON = 1e-12
+
+
+@graphattn_function
+def SparseRowStart(attention_mask_BT):
+    """start [B, 1] int64: the first slot of each row whose mask is 1 (0 for a row of pads)."""
+    return op.ArgMax(op.Cast(attention_mask_BT, to=FLOAT.dtype), axis=1, keepdims=1)
+
+
+@graphattn_function
+def BlockRealKeys(attention_mask_BT, block_size: int):
+    """real [B, N·L] bool: whether relative position r (slot start + r) holds a real key;
+    N = ceil(T / L) blocks, L = block_size."""
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
+    blocks = op.Div(op.Sub(op.Add(total, block), [1]), block)
+    rel_R = op.Range(
+        op.Constant(value_int=0), op.Squeeze(op.Mul(blocks, block)), op.Constant(value_int=1)
+    )
+    slot_BR = op.Add(op.Unsqueeze(rel_R, [0]), SparseRowStart(attention_mask_BT))
+    in_range_BR = op.Less(slot_BR, total)
+    clamped_BR = op.Min(slot_BR, op.Sub(total, [1]))
+    token_BR = op.Cast(op.GatherElements(attention_mask_BT, clamped_BR, axis=1), to=BOOL.dtype)
+    return op.And(in_range_BR, token_BR)
+
+
+@graphattn_function
+def BlockPrefixMeans(key_BKTD, attention_mask_BT, block_size: int):
+    """prefix [B, Hkv, N·L, D]: at relative position r, the mean of the real keys at relative
+    positions ``(r // L)·L .. r`` (the block's prefix up to r; 0 where it holds none)."""
+    shape = op.Shape(key_BKTD)
+    batch = op.Slice(shape, [0], [1])
+    heads = op.Slice(shape, [1], [2])
+    total = op.Slice(shape, [2], [3])
+    dim = op.Slice(shape, [3], [4])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    real_BR = BlockRealKeys(attention_mask_BT, block_size=block_size)
+    padded = op.Slice(op.Shape(real_BR), [1], [2])
+    blocks = op.Div(padded, block)
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    rel_R = op.Range(zero, op.Squeeze(padded), one)
+    slot_BR = op.Min(
+        op.Add(op.Unsqueeze(rel_R, [0]), SparseRowStart(attention_mask_BT)), op.Sub(total, [1])
+    )
+    row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
+    head_1K1 = op.Unsqueeze(op.Range(zero, op.Squeeze(heads), one), [0, 2])
+    flat_BKR = op.Add(
+        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), total), op.Unsqueeze(slot_BR, [1])
+    )
+    flat_keys = op.Reshape(key_BKTD, op.Concat([-1], dim, axis=0))
+    keys_BKRD = op.Gather(flat_keys, flat_BKR, axis=0)
+    real_B1R1 = op.Unsqueeze(real_BR, [1, 3])
+    keys_BKRD = op.Where(real_B1R1, keys_BKRD, op.CastLike(op.Constant(value_float=0.0), key_BKTD))
+    blocked_shape = op.Concat(batch, heads, blocks, block, dim, axis=0)
+    axis = op.Constant(value_int=3)
+    sums = op.CumSum(op.Reshape(keys_BKRD, blocked_shape), axis)
+    count_shape = op.Concat(batch, [1], blocks, block, [1], axis=0)
+    counts = op.CumSum(op.Reshape(op.CastLike(real_B1R1, key_BKTD), count_shape), axis)
+    means = op.Div(sums, op.Max(counts, op.CastLike(op.Constant(value_float=1.0), key_BKTD)))
+    return op.Reshape(means, op.Concat(batch, heads, padded, dim, axis=0))
+
+
+@graphattn_function
+def BlockPrefixCounts(attention_mask_BT, block_size: int):
+    """counts [B, N·L] float32: the real keys at relative positions ``(r // L)·L .. r``."""
+    real_BR = BlockRealKeys(attention_mask_BT, block_size=block_size)
+    shape = op.Shape(real_BR)
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    blocked = op.Concat(op.Slice(shape, [0], [1]), [-1], block, axis=0)
+    counts = op.CumSum(
+        op.Reshape(op.Cast(real_BR, to=FLOAT.dtype), blocked), op.Constant(value_int=2)
+    )
+    return op.Reshape(counts, shape)
+
+
+@graphattn_function
+def QueryRelative(query_BHSD, attention_mask_BT):
+    """rel [B, S] int64: each query's relative position ``T - S + i - start`` (< 0: a pad)."""
+    total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
+    length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
+    slots_S = op.Range(op.Sub(total, length), total, op.Constant(value_int=1))
+    return op.Sub(op.Unsqueeze(slots_S, [0]), SparseRowStart(attention_mask_BT))
+
+
+@graphattn_function
+def CausalBlockScores(
+    query_BHSD, key_BKTD, attention_mask_BT, block_size: int, scale: float, cosine: int
+):
+    """scores [B, Hkv, G, S, N] of every block for every query head, non-candidates at -3e38.
+
+    ``cosine = 0``: ``scale · q · mean`` (NSA); ``cosine = 1``: ``q · c / (|q| |c|)`` (routing).
+    The query's own block uses the mean of its keys at or before the query."""
+    prefix_BKRD = BlockPrefixMeans(key_BKTD, attention_mask_BT, block_size=block_size)
+    counts_BR = BlockPrefixCounts(attention_mask_BT, block_size=block_size)
+    key_shape = op.Shape(key_BKTD)
+    batch = op.Slice(key_shape, [0], [1])
+    heads = op.Slice(key_shape, [1], [2])
+    dim = op.Slice(key_shape, [3], [4])
+    padded = op.Slice(op.Shape(prefix_BKRD), [2], [3])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    blocks = op.Div(padded, block)
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    # whole-block means and counts: the prefix at each block's last position
+    blocked = op.Reshape(prefix_BKRD, op.Concat(batch, heads, blocks, block, dim, axis=0))
+    full_BKND = op.Squeeze(op.Slice(blocked, [-1], [9223372036854775807], [3]), [3])
+    counts_BNL = op.Reshape(counts_BR, op.Concat(batch, blocks, block, axis=0))
+    full_count_BN = op.Squeeze(op.Slice(counts_BNL, [-1], [9223372036854775807], [2]), [2])
+    # the query's own block: the prefix at the query's relative position
+    rel_BS = QueryRelative(query_BHSD, attention_mask_BT)
+    at_BS = op.Max(rel_BS, zero)
+    row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
+    head_1K1 = op.Unsqueeze(op.Range(zero, op.Squeeze(heads), one), [0, 2])
+    flat_BKS = op.Add(
+        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), padded), op.Unsqueeze(at_BS, [1])
+    )
+    flat_prefix = op.Reshape(prefix_BKRD, op.Concat([-1], dim, axis=0))
+    own_BKSD = op.Gather(flat_prefix, flat_BKS, axis=0)
+    own_count_BS = op.GatherElements(counts_BR, at_BS, axis=1)
+    # dot products, query heads grouped per KV head
+    query_shape = op.Shape(query_BHSD)
+    grouped = op.Concat(batch, heads, [-1], op.Slice(query_shape, [2], [4]), axis=0)
+    query_BKGSD = op.Reshape(query_BHSD, grouped)
+    full_dot = op.MatMul(query_BKGSD, op.Unsqueeze(op.Transpose(full_BKND, perm=[0, 1, 3, 2]), [2]))
+    own_dot = op.ReduceSum(op.Mul(query_BKGSD, op.Unsqueeze(own_BKSD, [2])), [-1], keepdims=1)
+    # normalisers: cosine divides by the norms, the dot product by 1 / scale
+    use_cosine = op.Greater(op.Cast(cosine, to=INT64.dtype), zero)
+    epsilon = op.CastLike(op.Constant(value_float=COSINE_EPSILON), query_BHSD)
+    unit = op.CastLike(op.Constant(value_float=1.0), query_BHSD)
+    inverse_scale = op.Div(unit, op.CastLike(scale, query_BHSD))
+    query_norm = op.Max(op.ReduceL2(query_BKGSD, [-1], keepdims=1), epsilon)
+    query_norm = op.Where(use_cosine, query_norm, inverse_scale)
+    full_norm = op.Max(op.ReduceL2(full_BKND, [-1], keepdims=0), epsilon)
+    full_norm = op.Unsqueeze(op.Where(use_cosine, full_norm, unit), [2, 3])
+    own_norm = op.Max(op.ReduceL2(own_BKSD, [-1], keepdims=1), epsilon)
+    own_norm = op.Unsqueeze(op.Where(use_cosine, own_norm, unit), [2])
+    full_score = op.Div(full_dot, op.Mul(query_norm, full_norm))
+    own_score = op.Div(own_dot, op.Mul(query_norm, own_norm))
+    # candidates: blocks before the query's own, and its own; each with a visible key
+    current_B11S1 = op.Unsqueeze(op.Div(at_BS, block), [1, 2, 4])
+    index_N = op.Range(zero, op.Squeeze(blocks), one)
+    is_own = op.Equal(index_N, current_B11S1)
+    is_before = op.Less(index_N, current_B11S1)
+    count = op.Where(
+        is_own, op.Unsqueeze(own_count_BS, [1, 2, 4]), op.Unsqueeze(full_count_BN, [1, 2, 3])
+    )
+    has_keys = op.Greater(count, op.Constant(value_float=0.0))
+    real_query = op.Unsqueeze(op.GreaterOrEqual(rel_BS, zero), [1, 2, 4])
+    candidate = op.And(op.And(op.Or(is_own, is_before), has_keys), real_query)
+    score = op.Where(is_own, own_score, full_score)
+    return op.Where(candidate, score, op.CastLike(op.Constant(value_float=NOT_CANDIDATE), score))
+
+
+@graphattn_function
+def ChooseTop(scores_BKGSN, top: int):
+    """chosen [B, Hkv, G, S, min(top, N)] int64: the indices of the ``top`` best scores along
+    the last axis, best first, -1 where the choice was not a candidate."""
+    top_1 = op.Reshape(op.Cast(top, to=INT64.dtype), [1])
+    count = op.Min(top_1, op.Slice(op.Shape(scores_BKGSN), [-1], [9223372036854775807]))
+    values, indices = op.TopK(scores_BKGSN, count, axis=-1, largest=1, sorted=1)
+    chosen = op.Greater(values, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), values))
+    return op.Where(chosen, indices, op.Constant(value_int=-1))
+
+
+@graphattn_function
+def SelectedBlockSlots(chosen_BKGSC, attention_mask_BT, block_size: int):
+    """slots [B, Hkv, G, S, C·L] int64: the slots of every key of the chosen blocks, -1 for a
+    key the query does not see (after the query, a pad, past T) or of a dropped choice."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    offsets_L = op.Range(zero, op.Squeeze(block), one)
+    start_B1111 = op.Unsqueeze(SparseRowStart(attention_mask_BT), [2, 3, 4, 5])
+    slots_BKGSCL = op.Add(
+        op.Add(op.Unsqueeze(op.Mul(chosen_BKGSC, block), [5]), offsets_L), start_B1111
+    )
+    chosen_shape = op.Shape(chosen_BKGSC)
+    flat_shape = op.Concat(op.Slice(chosen_shape, [0], [4]), [-1], axis=0)
+    slots = op.Reshape(slots_BKGSCL, flat_shape)
+    dropped = op.Reshape(
+        op.Expand(op.Unsqueeze(op.Less(chosen_BKGSC, zero), [5]), op.Shape(slots_BKGSCL)),
+        flat_shape,
+    )
+    total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
+    length = op.Slice(chosen_shape, [3], [4])
+    query_slot_S1 = op.Unsqueeze(
+        op.Range(op.Squeeze(op.Sub(total, length)), op.Squeeze(total), one), [1]
+    )
+    in_order = op.LessOrEqual(slots, query_slot_S1)
+    clamped = op.Max(op.Min(slots, op.Sub(total, [1])), zero)
+    batch = op.Slice(chosen_shape, [0], [1])
+    token = op.GatherElements(
+        attention_mask_BT, op.Reshape(clamped, op.Concat(batch, [-1], axis=0)), axis=1
+    )
+    token = op.Reshape(op.Cast(token, to=BOOL.dtype), flat_shape)
+    visible = op.And(op.And(in_order, op.Less(slots, total)), op.And(token, op.Not(dropped)))
+    return op.Where(visible, slots, op.Constant(value_int=-1))
+
+
+@graphattn_function
+def GatherSlots(data_BKTX, slots_BKGSM):
+    """rows [B, Hkv, G, S, M, X] = data[b, k, slot] (data [B, Hkv or 1, T, X]; slot -1 reads
+    slot 0, to be masked by the caller)."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    data_shape = op.Shape(data_BKTX)
+    data_heads = op.Slice(data_shape, [1], [2])
+    total = op.Slice(data_shape, [2], [3])
+    slots_shape = op.Shape(slots_BKGSM)
+    row_B = op.Range(zero, op.Squeeze(op.Slice(slots_shape, [0], [1])), one)
+    head_K = op.Mod(op.Range(zero, op.Squeeze(op.Slice(slots_shape, [1], [2])), one), data_heads)
+    base = op.Add(op.Mul(op.Unsqueeze(row_B, [1]), data_heads), op.Unsqueeze(head_K, [0]))
+    flat = op.Add(op.Mul(op.Unsqueeze(base, [2, 3, 4]), total), op.Max(slots_BKGSM, zero))
+    rows = op.Reshape(data_BKTX, op.Concat([-1], op.Slice(data_shape, [3], [4]), axis=0))
+    return op.Gather(rows, flat, axis=0)
+
+
+@graphattn_function
+def SelectedSoftmaxMix(scores_BKGSM, slots_BKGSM, values_BKGSMD):
+    """output [B, H, S, D] = softmax over the selected keys (slot >= 0) of ``scores``, mixing
+    the gathered values; a query with nothing selected gets a finite, meaningless row."""
+    keep = op.GreaterOrEqual(slots_BKGSM, op.Constant(value_int=0))
+    masked = op.Where(
+        keep, scores_BKGSM, op.CastLike(op.Constant(value_float=MASKED_BIAS), scores_BKGSM)
+    )
+    probs_BKGS1M = op.Unsqueeze(op.Softmax(masked, axis=-1), [4])
+    mixed_BKGS1D = op.MatMul(probs_BKGS1M, values_BKGSMD)
+    shape = op.Shape(mixed_BKGS1D)
+    output_shape = op.Concat(
+        op.Slice(shape, [0], [1]),
+        [-1],
+        op.Slice(shape, [3], [4]),
+        op.Slice(shape, [5], [6]),
+        axis=0,
+    )
+    return op.Reshape(mixed_BKGS1D, output_shape)
+
+
+@graphattn_function
+def SelectedAttention(query_BHSD, keys_BKGSMD, values_BKGSMD, slots_BKGSM, scale: float):
+    """output [B, H, S, D] = softmax(scale · q · k over the selected keys) · v."""
+    keys_shape = op.Shape(keys_BKGSMD)
+    grouped = op.Concat(op.Slice(keys_shape, [0], [4]), [1], op.Slice(keys_shape, [5], [6]), axis=0)
+    query_BKGS1D = op.Reshape(op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped)
+    scores = op.MatMul(query_BKGS1D, op.Transpose(keys_BKGSMD, perm=[0, 1, 2, 3, 5, 4]))
+    return SelectedSoftmaxMix(op.Squeeze(scores, [4]), slots_BKGSM, values_BKGSMD)
+
+
+@graphattn_function
+def NsaCoarse(
+    query_BHSD,
+    key_BKTD,
+    value_BKTD,
+    attention_mask_BT,
+    block_size: int,
+    top_blocks: int,
+    scale: float,
+):
+    """O_c [B, H, S, D]: attention over the visible keys of each query's top-c blocks."""
+    scores = CausalBlockScores(
+        query_BHSD, key_BKTD, attention_mask_BT, block_size=block_size, scale=scale, cosine=0
+    )
+    chosen = ChooseTop(scores, top=top_blocks)
+    slots = SelectedBlockSlots(chosen, attention_mask_BT, block_size=block_size)
+    keys = GatherSlots(key_BKTD, slots)
+    values = GatherSlots(value_BKTD, slots)
+    return SelectedAttention(query_BHSD, keys, values, slots, scale=scale)
+
+
+@graphattn_function
+def NsaFine(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens: int, scale: float):
+    """O_f [B, H, S, D]: attention over each query's top-f visible keys by scaled score."""
+    scores_BKGST = GroupedScores(query_BHSD, key_BKTD, scale=scale)
+    one = op.Constant(value_int=1)
+    total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
+    length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
+    slots_T = op.Range(op.Constant(value_int=0), total, one)
+    query_slot_S1 = op.Unsqueeze(op.Range(op.Sub(total, length), total, one), [1])
+    in_order_ST = op.LessOrEqual(slots_T, query_slot_S1)
+    token_B11T = op.Unsqueeze(op.Cast(attention_mask_BT, to=BOOL.dtype), [1, 2])
+    visible_B1ST = op.And(op.Unsqueeze(in_order_ST, [0, 1]), token_B11T)
+    masked = op.Where(
+        op.Unsqueeze(visible_B1ST, [2]),
+        scores_BKGST,
+        op.CastLike(op.Constant(value_float=NOT_CANDIDATE), scores_BKGST),
+    )
+    top_1 = op.Reshape(op.Cast(top_tokens, to=INT64.dtype), [1])
+    count = op.Min(top_1, op.Reshape(total, [1]))
+    values, indices = op.TopK(masked, count, axis=-1, largest=1, sorted=1)
+    chosen = op.Greater(values, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), values))
+    slots = op.Where(chosen, indices, op.Constant(value_int=-1))
+    gathered = GatherSlots(value_BKTD, slots)
+    return SelectedSoftmaxMix(values, slots, gathered)
+
+
+@graphattn_function
+def NsaWindow(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, window: int, scale: float):
+    """O_w [B, H, S, D]: attention over the visible keys at most ``window - 1`` slots back;
+    only the last ``S + window - 1`` keys are read."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
+    length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
+    width = op.Cast(window, to=INT64.dtype)
+    first = op.Max(op.Add(op.Sub(op.Sub(total, length), width), one), zero)
+    first_1 = op.Reshape(first, [1])
+    key_BKWD = op.Slice(key_BKTD, first_1, [9223372036854775807], [2])
+    value_BKWD = op.Slice(value_BKTD, first_1, [9223372036854775807], [2])
+    slots_W = op.Range(first, total, one)
+    query_slot_S1 = op.Unsqueeze(op.Range(op.Sub(total, length), total, one), [1])
+    distance_SW = op.Sub(query_slot_S1, slots_W)
+    in_window_SW = op.And(op.GreaterOrEqual(distance_SW, zero), op.Less(distance_SW, width))
+    token_B1W = op.Unsqueeze(
+        op.Cast(op.Slice(attention_mask_BT, first_1, [9223372036854775807], [1]), to=BOOL.dtype),
+        [1],
+    )
+    keep_B1SW = op.Unsqueeze(op.And(op.Unsqueeze(in_window_SW, [0]), token_B1W), [1])
+    scores = GroupedScores(query_BHSD, key_BKWD, scale=scale)
+    return MaskedSoftmaxMix(scores, KeepToBias(keep_B1SW), value_BKWD)
+
+
+@graphattn_function
+def NativeSparseAttention(
+    query_BHSD,
+    key_BKTD,
+    value_BKTD,
+    attention_mask_BT,
+    gate_coarse_BHS1,
+    gate_fine_BHS1,
+    gate_window_BHS1,
+    block_size: int,
+    top_blocks: int,
+    top_tokens: int,
+    window: int,
+    scale: float,
+):
+    """output [B, H, S, D] = σ(g_c) O_c + σ(g_f) O_f + σ(g_w) O_w (see the module docstring);
+    gates broadcastable to [B, H, S, 1]."""
+    coarse = NsaCoarse(
+        query_BHSD,
+        key_BKTD,
+        value_BKTD,
+        attention_mask_BT,
+        block_size=block_size,
+        top_blocks=top_blocks,
+        scale=scale,
+    )
+    fine = NsaFine(
+        query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens=top_tokens, scale=scale
+    )
+    local = NsaWindow(
+        query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, window=window, scale=scale
+    )
+    weight_c = op.Sigmoid(op.CastLike(gate_coarse_BHS1, query_BHSD))
+    weight_f = op.Sigmoid(op.CastLike(gate_fine_BHS1, query_BHSD))
+    weight_w = op.Sigmoid(op.CastLike(gate_window_BHS1, query_BHSD))
+    return op.Add(op.Add(op.Mul(weight_c, coarse), op.Mul(weight_f, fine)), op.Mul(weight_w, local))
+
+
+@graphattn_function
+def SparseRotaryHalves(x, cos, sin):
+    """x [..., D] with channel i < R rotated against channel i + R; cos/sin [..., R]
+    broadcast against x's leading axes (any rank)."""
+    half = op.Slice(op.Shape(cos), [-1], [9223372036854775807])
+    rotary = op.Add(half, half)
+    first = op.Slice(x, [0], half, [-1])
+    second = op.Slice(x, half, rotary, [-1])
+    passed = op.Slice(x, rotary, [9223372036854775807], [-1])
+    cos_x = op.CastLike(cos, x)
+    sin_x = op.CastLike(sin, x)
+    rotated_first = op.Sub(op.Mul(first, cos_x), op.Mul(second, sin_x))
+    rotated_second = op.Add(op.Mul(second, cos_x), op.Mul(first, sin_x))
+    return op.Concat(rotated_first, rotated_second, passed, axis=-1)
+
+
+@graphattn_function
+def SparseRotaryInterleaved(x, cos, sin):
+    """x [..., D] with channel 2i rotated against channel 2i + 1 for i < R (any rank)."""
+    half = op.Slice(op.Shape(cos), [-1], [9223372036854775807])
+    rotary = op.Add(half, half)
+    even = op.Slice(x, [0], rotary, [-1], [2])
+    odd = op.Slice(x, [1], rotary, [-1], [2])
+    passed = op.Slice(x, rotary, [9223372036854775807], [-1])
+    cos_x = op.CastLike(cos, x)
+    sin_x = op.CastLike(sin, x)
+    rotated_even = op.Unsqueeze(op.Sub(op.Mul(even, cos_x), op.Mul(odd, sin_x)), [-1])
+    rotated_odd = op.Unsqueeze(op.Add(op.Mul(odd, cos_x), op.Mul(even, sin_x)), [-1])
+    pairs = op.Concat(rotated_even, rotated_odd, axis=-1)
+    pairs_shape = op.Concat(op.Slice(op.Shape(pairs), [0], [-2]), rotary, axis=0)
+    return op.Concat(op.Reshape(pairs, pairs_shape), passed, axis=-1)
+
+
+@graphattn_function
+def RoutedSelection(query_BHSD, key_BKTD, attention_mask_BT, segment_size: int, top_k: int):
+    """slots [B, Hkv, G, S, k·L]: the visible keys of each query's top-k segments by cosine
+    similarity of the (un-rotated) query and the segment centroids; -1 where none."""
+    scores = CausalBlockScores(
+        query_BHSD, key_BKTD, attention_mask_BT, block_size=segment_size, scale=1.0, cosine=1
+    )
+    chosen = ChooseTop(scores, top=top_k)
+    return SelectedBlockSlots(chosen, attention_mask_BT, block_size=segment_size)
+
+
+@graphattn_function
+def QueryRows(table_BTR, query_BHSD):
+    """table [B, 1, S, R]: the last S rows of ``table [B, T, R]`` (the queries' slots)."""
+    length = op.Slice(op.Shape(query_BHSD), [2], [3])
+    return op.Unsqueeze(op.Slice(table_BTR, op.Neg(length), [9223372036854775807], [1]), [1])
+
+
+@graphattn_function
+def SparseRoutedAttention(
+    query_BHSD,
+    key_BKTD,
+    value_BKTD,
+    attention_mask_BT,
+    cos_BTR,
+    sin_BTR,
+    segment_size: int,
+    top_k: int,
+    scale: float,
+):
+    """output [B, H, S, D]: routed attention with split-halves RoPE (module docstring)."""
+    slots = RoutedSelection(
+        query_BHSD, key_BKTD, attention_mask_BT, segment_size=segment_size, top_k=top_k
+    )
+    keys = GatherSlots(key_BKTD, slots)
+    values = GatherSlots(value_BKTD, slots)
+    key_cos = GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots)
+    key_sin = GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots)
+    rotated_keys = SparseRotaryHalves(keys, key_cos, key_sin)
+    rotated_query = SparseRotaryHalves(
+        query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
+    )
+    return SelectedAttention(rotated_query, rotated_keys, values, slots, scale=scale)
+
+
+@graphattn_function
+def SparseRoutedAttentionInterleaved(
+    query_BHSD,
+    key_BKTD,
+    value_BKTD,
+    attention_mask_BT,
+    cos_BTR,
+    sin_BTR,
+    segment_size: int,
+    top_k: int,
+    scale: float,
+):
+    """output [B, H, S, D]: routed attention with interleaved (GPT-J) RoPE."""
+    slots = RoutedSelection(
+        query_BHSD, key_BKTD, attention_mask_BT, segment_size=segment_size, top_k=top_k
+    )
+    keys = GatherSlots(key_BKTD, slots)
+    values = GatherSlots(value_BKTD, slots)
+    key_cos = GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots)
+    key_sin = GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots)
+    rotated_keys = SparseRotaryInterleaved(keys, key_cos, key_sin)
+    rotated_query = SparseRotaryInterleaved(
+        query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
+    )
+    return SelectedAttention(rotated_query, rotated_keys, values, slots, scale=scale)
+
+
+# ------------------------------------------------------------------------------ emitters
+def _check_count(parameter: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{parameter} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _static_dim(value: ir.Value, axis: int) -> int | None:
+    shape = value.shape
+    if shape is None or not isinstance(shape[axis], int):
+        return None
+    return shape[axis]
+
+
+def _check_inputs(
+    query_BHSD: ir.Value,
+    key_BKSD: ir.Value,
+    value_BKSD: ir.Value,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> None:
+    _check_heads(num_heads, kv_heads, head_dim)
+    for parameter, value in (("query", query_BHSD), ("key", key_BKSD), ("value", value_BKSD)):
+        require_rank(value, 4, parameter)
+    for parameter, value, heads in (
+        ("query", query_BHSD, num_heads),
+        ("key", key_BKSD, kv_heads),
+        ("value", value_BKSD, kv_heads),
+    ):
+        known = _static_dim(value, 1)
+        if known is not None and known != heads:
+            raise ValueError(f"{parameter} has {known} heads on axis 1, expected {heads}")
+        known = _static_dim(value, 3)
+        if known is not None and known != head_dim:
+            raise ValueError(f"{parameter} has head_dim {known} on axis 3, expected {head_dim}")
+
+
+def _with_past(
+    g: GraphEmitter,
+    key_BKSD: ir.Value,
+    value_BKSD: ir.Value,
+    past_key_BKPD: ir.Value | None,
+    past_value_BKPD: ir.Value | None,
+    name: str,
+) -> tuple[ir.Value, ir.Value]:
+    if (past_key_BKPD is None) != (past_value_BKPD is None):
+        raise ValueError("past_key and past_value must be given together")
+    if past_key_BKPD is None:
+        return key_BKSD, value_BKSD
+    require_rank(past_key_BKPD, 4, "past_key")
+    require_rank(past_value_BKPD, 4, "past_value")
+    key_BKTD = g.op("Concat", [past_key_BKPD, key_BKSD], {"axis": 2}, name=f"{name}/present_key")
+    value_BKTD = g.op(
+        "Concat", [past_value_BKPD, value_BKSD], {"axis": 2}, name=f"{name}/present_value"
+    )
+    return key_BKTD, value_BKTD
+
+
+def _mask_or_ones(
+    g: GraphEmitter,
+    attention_mask_BT: ir.Value | None,
+    query_BHSD: ir.Value,
+    key_BKTD: ir.Value,
+    name: str,
+) -> ir.Value:
+    """The given ``attention_mask [B, T]`` int64, or ones of that shape read from the inputs."""
+    if attention_mask_BT is not None:
+        require_rank(attention_mask_BT, 2, "attention_mask")
+        return attention_mask_BT
+    batch = g.op("Shape", [query_BHSD], {"start": 0, "end": 1}, name=f"{name}/mask_batch")
+    total = g.op("Shape", [key_BKTD], {"start": 2, "end": 3}, name=f"{name}/mask_total")
+    shape = g.op("Concat", [batch, total], {"axis": 0}, name=f"{name}/mask_shape")
+    one = ir.tensor(np.ones(1, dtype=np.int64), name="one")
+    return g.op("ConstantOfShape", [shape], {"value": one}, name=f"{name}/mask_ones")
+
+
+def _gate(g: GraphEmitter, gate: ir.Value, num_heads: int, what: str, name: str) -> ir.Value:
+    """A gate logit as [1, H, 1, 1] (from [H]) or [B, H, S, 1] (from per-token [B, S, H])."""
+    rank = _gate_rank(gate, what)
+    heads = _static_dim(gate, rank - 1)
+    if heads is not None and heads != num_heads:
+        raise ValueError(f"{what} must have one logit per query head ({num_heads}), got {heads}")
+    if rank == 1:
+        return g.op("Reshape", [gate, _shape_const(g, [1, -1, 1, 1], f"{name}/shape")], name=name)
+    transposed = g.op("Transpose", [gate], {"perm": [0, 2, 1]}, name=f"{name}/heads_first")
+    return g.op("Unsqueeze", [transposed, _shape_const(g, [3], f"{name}/axis")], name=name)
+
+
+def _gate_rank(gate: ir.Value, what: str) -> int:
+    """The rank of a gate input: 1 ([H]) or 3 ([B, S, H]); unknown ranks are refused."""
+    if gate.shape is None or len(gate.shape) not in (1, 3):
+        got = "unknown" if gate.shape is None else f"rank {len(gate.shape)} ({gate.shape})"
+        raise ValueError(f"{what} must be [num_heads] or [batch, sequence, num_heads], got {got}")
+    return len(gate.shape)
+
+
+def _shape_const(g: GraphEmitter, values: list[int], name: str) -> ir.Value:
+    return g.constant(name, np.array(values, dtype=np.int64))
+
+
+def native_sparse_attention(
+    g: GraphEmitter,
+    query_BHSD: ir.Value,
+    key_BKSD: ir.Value,
+    value_BKSD: ir.Value,
+    *,
+    gate_coarse: ir.Value,
+    gate_fine: ir.Value,
+    gate_window: ir.Value,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    top_blocks: int,
+    top_tokens: int,
+    window: int,
+    attention_mask_BT: ir.Value | None = None,
+    scale: float | None = None,
+    past_key_BKPD: ir.Value | None = None,
+    past_value_BKPD: ir.Value | None = None,
+    name: str = "nsa",
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Emit ``NativeSparseAttention``; returns ``(output [B, H, S, D], present_key,
+    present_value [B, Hkv, T, D])``.
+
+    ``query``/``key`` are rotated already (the model's RoPE); ``key``/``value`` hold the new
+    positions and are appended to ``past_key/past_value [B, Hkv, P, D]`` when given. Gates:
+    ``[num_heads]`` logits (learned per head) or ``[B, S, num_heads]`` (per token).
+    ``attention_mask [B, T]`` int64 (default: all ones). ``scale`` defaults to
+    ``1/sqrt(head_dim)``.
+    """
+    _check_inputs(query_BHSD, key_BKSD, value_BKSD, num_heads, kv_heads, head_dim)
+    attributes = {
+        "block_size": _check_count("block_size", block_size),
+        "top_blocks": _check_count("top_blocks", top_blocks),
+        "top_tokens": _check_count("top_tokens", top_tokens),
+        "window": _check_count("window", window),
+        "scale": 1.0 / math.sqrt(head_dim) if scale is None else _check_positive("scale", scale),
+    }
+    key_BKTD, value_BKTD = _with_past(g, key_BKSD, value_BKSD, past_key_BKPD, past_value_BKPD, name)
+    mask = _mask_or_ones(g, attention_mask_BT, query_BHSD, key_BKTD, name)
+    gates = [
+        _gate(g, gate, num_heads, what, f"{name}/{what}")
+        for what, gate in (
+            ("gate_coarse", gate_coarse),
+            ("gate_fine", gate_fine),
+            ("gate_window", gate_window),
+        )
+    ]
+    output = g.call(
+        NativeSparseAttention,
+        [query_BHSD, key_BKTD, value_BKTD, mask, *gates],
+        attributes,
+        name=name,
+    )
+    return output, key_BKTD, value_BKTD
+
+
+def sparse_routed_attention(
+    g: GraphEmitter,
+    query_BHSD: ir.Value,
+    key_BKSD: ir.Value,
+    value_BKSD: ir.Value,
+    *,
+    cos_BTR: ir.Value,
+    sin_BTR: ir.Value,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    segment_size: int,
+    top_k: int,
+    interleaved: bool = False,
+    attention_mask_BT: ir.Value | None = None,
+    scale: float | None = None,
+    past_key_BKPD: ir.Value | None = None,
+    past_value_BKPD: ir.Value | None = None,
+    name: str = "routed",
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Emit ``SparseRoutedAttention[Interleaved]``; returns ``(output [B, H, S, D],
+    present_key, present_value [B, Hkv, T, D])`` — the presents hold keys *before* RoPE.
+
+    ``query``/``key`` are not rotated; ``cos/sin [B, T, R]`` hold every slot's RoPE table
+    (past and new: the gathered keys rotate at their own positions), ``2R <= head_dim``.
+    """
+    _check_inputs(query_BHSD, key_BKSD, value_BKSD, num_heads, kv_heads, head_dim)
+    require_rank(cos_BTR, 3, "cos")
+    require_rank(sin_BTR, 3, "sin")
+    half = _static_dim(cos_BTR, 2)
+    if half is not None and not 1 <= half <= head_dim // 2:
+        raise ValueError(
+            f"cos/sin have {half} frequencies; 2 * {half} must be in [2, head_dim={head_dim}]"
+        )
+    attributes = {
+        "segment_size": _check_count("segment_size", segment_size),
+        "top_k": _check_count("top_k", top_k),
+        "scale": 1.0 / math.sqrt(head_dim) if scale is None else _check_positive("scale", scale),
+    }
+    key_BKTD, value_BKTD = _with_past(g, key_BKSD, value_BKSD, past_key_BKPD, past_value_BKPD, name)
+    mask = _mask_or_ones(g, attention_mask_BT, query_BHSD, key_BKTD, name)
+    function = SparseRoutedAttentionInterleaved if interleaved else SparseRoutedAttention
+    output = g.call(
+        function, [query_BHSD, key_BKTD, value_BKTD, mask, cos_BTR, sin_BTR], attributes, name=name
+    )
+    return output, key_BKTD, value_BKTD
+
+
+__all__ = ["native_sparse_attention", "sparse_routed_attention"]
