@@ -68,6 +68,9 @@ CONFIGS = {
 }
 SINK_SCALE = 10.0  # hf_model draws every weight at 0.2 std; sinks of std 2 weigh in
 MARGIN = 1e-3
+NEEDS_MOE = pytest.mark.skipif(
+    find_spec("graphattn.ops.moe") is None, reason="the MoE block (ops/moe.py) is not built yet"
+)
 RANDOM_MODEL = families.hf_model  # check_family's builder, before the test swaps in ours
 
 
@@ -104,9 +107,7 @@ def router_margins(model, steps: int = 4) -> float:
     return float(smallest)
 
 
-@pytest.mark.skipif(
-    find_spec("graphattn.ops.moe") is None, reason="the MoE block (ops/moe.py) is not built yet"
-)
+@NEEDS_MOE
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gpt_oss_matches_transformers(name, tmp_path, monkeypatch):
     config, seed = CONFIGS[name]
@@ -119,8 +120,13 @@ def test_gpt_oss_matches_transformers(name, tmp_path, monkeypatch):
     for decision in lowering(exports["portable"]):
         assert decision["kernel"] == "decomposed", decision
         assert decision["reasons"]["Attention"].startswith("attention sinks")
-    if name == "alternating-yarn-clamped":
-        check_precisions(tmp_path / "hf", tmp_path)
+
+
+@NEEDS_MOE
+def test_gpt_oss_precisions(tmp_path):
+    config, seed = CONFIGS["alternating-yarn-clamped"]
+    gpt_oss_model(config, seed).save_pretrained(tmp_path / "hf")
+    check_precisions(tmp_path / "hf", tmp_path)
 
 
 def test_config_mapping():
