@@ -25,7 +25,10 @@ Two expert computations (attribute ``form``; both exact, chosen by measurement, 
   gather/scatter, E/k times the arithmetic and every expert's weights read at each call.
 
 Every expert weight is its own 2-D ``[in, out]`` MatMul initializer, so the int4/int8 pass
-(MatMulNBits / blocked DequantizeLinear) quantizes experts like any projection.
+(MatMulNBits / blocked DequantizeLinear) quantizes experts like any projection. The router is
+a ``Gemm`` on the 2-D tokens: neither MatMul packing nor the weight quantizers take a Gemm
+without ``transB``, so routing stays in the float type in every precision (a quantized router
+would move near-tied choices).
 
 The body is generated per structure (score kind, expert count, groups, which biases and
 shared parts exist, activation, form) and named after it (``MixtureOfExperts_softmax_e8_
@@ -225,9 +228,10 @@ class _Body:
         )
         x = b.op("Reshape", [x_in, flat], name="x_NC")
 
-        logits = b.op("MatMul", [x, inp["router.weight"]], name="router")
+        router_inputs = [x, inp["router.weight"]]
         if "router.bias" in inp:
-            logits = b.op("Add", [logits, inp["router.bias"]], name="router/bias")
+            router_inputs.append(inp["router.bias"])
+        logits = b.op("Gemm", router_inputs, name="router")  # not packed nor quantized
         if a.scores == "softmax":
             scores = b.op("Softmax", [logits], {"axis": -1}, name="scores")
         else:

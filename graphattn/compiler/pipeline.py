@@ -20,6 +20,7 @@ from graphattn.compiler.grouped_query import (
     shares_kv_buffer,
 )
 from graphattn.compiler.load_time_dequant import dequantize_at_load
+from graphattn.compiler.moe import lower_moe_blocks
 from graphattn.compiler.ort_fusions import fuse_skip_rms_norm
 from graphattn.compiler.ort_version import (
     DEFAULT_ORT_VERSION,
@@ -132,6 +133,17 @@ def compile_model(
     ``prequantized`` maps weight initializer names to already-quantized blocks (GGUF) that
     int4/int8 use as they are instead of quantizing the float weights."""
     if options.target in ("portable", "ort"):
+        lower_moe_blocks(
+            model,
+            target=options.target,
+            bits=options.bits,
+            block_size=options.block_size,
+            symmetric=options.symmetric,
+            accuracy_level=options.accuracy_level,
+            ort_version=options.ort_version,
+            dequantize_at_load=options.dequantize_at_load,
+            prequantized=prequantized or {},
+        )
         context = None
         if options.target == "ort" and options.grouped_query:
             context = int(model.metadata_props.get(CONTEXT_KEY, DEFAULT_CONTEXT))
