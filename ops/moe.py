@@ -19,7 +19,7 @@ Each expert is gated: ``down(act(x W_gate + b) * (x W_up + b)) + b`` or, with
 Two expert computations (attribute ``form``; both exact, chosen by measurement, see README):
 
 - ``routed``: per expert, the rows of the tokens routed to it (``NonZero`` of ``W[:, e]``),
-  gathered, through its MLP, weighted and scatter-added (``ScatterND`` add) into the output:
+  gathered, through its MLP, weighted, placed in zeros (``ScatterND``) and added up:
   each expert reads its weights once and computes only its tokens (k/E of the dense work);
 - ``dense``: every expert on every token, weighted by ``W[:, e]`` (zero for the others): no
   gather/scatter, E/k times the arithmetic and every expert's weights read at each call.
@@ -271,7 +271,8 @@ class _Body:
 
         clamped = bool(a.swiglu_limit)
         if a.form == "routed":
-            out = b.op(
+            out = None
+            zeros_NC = b.op(
                 "CastLike",
                 [
                     b.op(
@@ -309,7 +310,10 @@ class _Body:
                 index = b.op(
                     "Unsqueeze", [rows, self.const("axis_last", np.array([-1]))], name=f"{s}/index"
                 )
-                out = b.op("ScatterND", [out, index, y_e], {"reduction": "add"}, name=f"{s}/add")
+                # ScatterND without reduction (ORT CPU has no float16 scatter-add): the
+                # expert's rows placed into zeros, then added
+                placed = b.op("ScatterND", [zeros_NC, index, y_e], name=f"{s}/placed")
+                out = placed if out is None else b.op("Add", [out, placed], name=f"{s}/add")
         else:
             out = None
             for e in range(a.num_experts):
