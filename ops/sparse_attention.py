@@ -43,11 +43,14 @@ slot's cos/sin (document-wise positions work: the tables carry whatever position
 computed). Its KV cache therefore holds keys *before* RoPE.
 
 **Decode with a KV cache**: the caches are the plain keys/values; nothing else is cached. Each
-step recomputes the block means (NSA) or centroids (routed) from the cached keys — a gather
-of every cached key into block order, a within-block CumSum and a division, O(T · D) per KV
-head — and the fine path scores every cached key (O(T · D) per query head), so a step is never
-cheaper than one pass over the cache. What the sparse forms save is the softmax and the value
-mix: ``c · L`` (or ``k · L``, ``f``, ``W``) keys instead of T.
+step recomputes the block summaries from the cached keys: every cached key is gathered into
+block order once (a Gather of T rows per KV head) and summed per block by a MatMul with 0/1
+weights (pads drop out there); the query's own block is re-summed by a CumSum over just the
+blocks that hold queries (one block when decoding). The fine path scores every cached key
+(O(T · D) per query head) and TopKs over T. So a step is never cheaper than one pass over the
+cache; what the sparse forms save is the softmax and the value mix (``c · L``, ``f``, ``k · L``
+or ``W`` keys instead of T), paid for by gathering the selected keys/values once per *query*
+head (G times what a dense GQA step reads per selected key).
 """
 
 import math
@@ -56,7 +59,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import BOOL, FLOAT, INT64
 
-from graphattn.ops.attention import GroupedScores, MaskedSoftmaxMix, _check_heads, _check_positive
+from graphattn.ops.attention import MaskedSoftmaxMix, _check_heads, _check_positive
 from graphattn.ops.domain import MASKED_BIAS, graphattn_function, op
 from graphattn.ops.emit import GraphEmitter, require_rank
 from graphattn.ops.masks import KeepToBias
@@ -92,40 +95,107 @@ def BlockRealKeys(attention_mask_BT, block_size: int):
 
 
 @graphattn_function
-def BlockPrefixMeans(key_BKTD, attention_mask_BT, block_size: int):
-    """prefix [B, Hkv, N·L, D]: at relative position r, the mean of the real keys at relative
-    positions ``(r // L)·L .. r`` (the block's prefix up to r; 0 where it holds none)."""
+def QueryRelative(query_BHSD, attention_mask_BT):
+    """rel [B, S] int64: each query's relative position ``T - S + i - start`` (< 0: a pad)."""
+    total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
+    length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
+    slots_S = op.Range(op.Sub(total, length), total, op.Constant(value_int=1))
+    return op.Sub(op.Unsqueeze(slots_S, [0]), SparseRowStart(attention_mask_BT))
+
+
+@graphattn_function
+def RelativeKeys(key_BKTD, attention_mask_BT, rel_BU):
+    """keys [B, Hkv, U, D] at slots ``start + rel`` (clamped into the cache; the caller
+    masks what :func:`RelativeReal` says is not a real key)."""
+    shape = op.Shape(key_BKTD)
+    batch = op.Slice(shape, [0], [1])
+    heads = op.Slice(shape, [1], [2])
+    total = op.Slice(shape, [2], [3])
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    slot_BU = op.Add(rel_BU, SparseRowStart(attention_mask_BT))
+    slot_BU = op.Max(op.Min(slot_BU, op.Sub(total, [1])), zero)
+    row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
+    head_1K1 = op.Unsqueeze(op.Range(zero, op.Squeeze(heads), one), [0, 2])
+    flat_BKU = op.Add(
+        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), total), op.Unsqueeze(slot_BU, [1])
+    )
+    rows = op.Reshape(key_BKTD, op.Concat([-1], op.Slice(shape, [3], [4]), axis=0))
+    return op.Gather(rows, flat_BKU, axis=0)
+
+
+@graphattn_function
+def RelativeReal(attention_mask_BT, rel_BU):
+    """real [B, U] bool: whether slot ``start + rel`` exists, holds a token, and rel >= 0."""
+    total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
+    zero = op.Constant(value_int=0)
+    slot_BU = op.Add(rel_BU, SparseRowStart(attention_mask_BT))
+    inside = op.And(op.Less(slot_BU, total), op.GreaterOrEqual(rel_BU, zero))
+    clamped = op.Max(op.Min(slot_BU, op.Sub(total, [1])), zero)
+    token = op.Cast(op.GatherElements(attention_mask_BT, clamped, axis=1), to=BOOL.dtype)
+    return op.And(inside, token)
+
+
+@graphattn_function
+def BlockSums(key_BKTD, attention_mask_BT, block_size: int):
+    """sums [B, Hkv, N, D]: the sum of the real keys of every block (N = ceil(T / L)); the
+    keys are gathered into block order once and summed by a MatMul with the 0/1 weights."""
     shape = op.Shape(key_BKTD)
     batch = op.Slice(shape, [0], [1])
     heads = op.Slice(shape, [1], [2])
     total = op.Slice(shape, [2], [3])
     dim = op.Slice(shape, [3], [4])
     block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
-    real_BR = BlockRealKeys(attention_mask_BT, block_size=block_size)
-    padded = op.Slice(op.Shape(real_BR), [1], [2])
-    blocks = op.Div(padded, block)
+    blocks = op.Div(op.Sub(op.Add(total, block), [1]), block)
+    rel_1R = op.Unsqueeze(
+        op.Range(
+            op.Constant(value_int=0), op.Squeeze(op.Mul(blocks, block)), op.Constant(value_int=1)
+        ),
+        [0],
+    )
+    rel_BR = op.Expand(rel_1R, op.Concat(batch, [1], axis=0))
+    keys = op.Reshape(
+        RelativeKeys(key_BKTD, attention_mask_BT, rel_BR),
+        op.Concat(batch, heads, blocks, block, dim, axis=0),
+    )
+    real = op.CastLike(RelativeReal(attention_mask_BT, rel_BR), key_BKTD)
+    weights_B1N1L = op.Reshape(real, op.Concat(batch, [1], blocks, [1], block, axis=0))
+    return op.Squeeze(op.MatMul(weights_B1N1L, keys), [3])
+
+
+@graphattn_function
+def OwnBlockSums(key_BKTD, attention_mask_BT, query_BHSD, block_size: int):
+    """sums [B, Hkv, S, D]: for each query, the sum of the real keys of its own block at or
+    before it. Only the blocks that hold queries are read: ``ceil((S + L - 1) / L)`` blocks
+    from the first query's block (one block when decoding)."""
+    shape = op.Shape(key_BKTD)
+    batch = op.Slice(shape, [0], [1])
+    heads = op.Slice(shape, [1], [2])
+    dim = op.Slice(shape, [3], [4])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    length = op.Slice(op.Shape(query_BHSD), [2], [3])
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    rel_R = op.Range(zero, op.Squeeze(padded), one)
-    slot_BR = op.Min(
-        op.Add(op.Unsqueeze(rel_R, [0]), SparseRowStart(attention_mask_BT)), op.Sub(total, [1])
+    at_BS = op.Max(QueryRelative(query_BHSD, attention_mask_BT), zero)
+    first_B1 = op.Mul(op.Div(op.ReduceMin(at_BS, [1], keepdims=1), block), block)
+    blocks = op.Div(op.Sub(op.Add(length, op.Add(block, block)), [2]), block)
+    span = op.Mul(blocks, block)
+    rel_BU = op.Add(first_B1, op.Unsqueeze(op.Range(zero, op.Squeeze(span), one), [0]))
+    keys_BKUD = RelativeKeys(key_BKTD, attention_mask_BT, rel_BU)
+    real_B1U1 = op.Unsqueeze(op.CastLike(RelativeReal(attention_mask_BT, rel_BU), key_BKTD), [1, 3])
+    blocked = op.Reshape(
+        op.Mul(keys_BKUD, real_B1U1), op.Concat(batch, heads, blocks, block, dim, axis=0)
     )
+    prefix = op.Reshape(
+        op.CumSum(blocked, op.Constant(value_int=3)), op.Concat(batch, heads, span, dim, axis=0)
+    )
+    offset_BS = op.Sub(at_BS, first_B1)
     row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
     head_1K1 = op.Unsqueeze(op.Range(zero, op.Squeeze(heads), one), [0, 2])
-    flat_BKR = op.Add(
-        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), total), op.Unsqueeze(slot_BR, [1])
+    flat_BKS = op.Add(
+        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), span), op.Unsqueeze(offset_BS, [1])
     )
-    flat_keys = op.Reshape(key_BKTD, op.Concat([-1], dim, axis=0))
-    keys_BKRD = op.Gather(flat_keys, flat_BKR, axis=0)
-    real_B1R1 = op.Unsqueeze(real_BR, [1, 3])
-    keys_BKRD = op.Where(real_B1R1, keys_BKRD, op.CastLike(op.Constant(value_float=0.0), key_BKTD))
-    blocked_shape = op.Concat(batch, heads, blocks, block, dim, axis=0)
-    axis = op.Constant(value_int=3)
-    sums = op.CumSum(op.Reshape(keys_BKRD, blocked_shape), axis)
-    count_shape = op.Concat(batch, [1], blocks, block, [1], axis=0)
-    counts = op.CumSum(op.Reshape(op.CastLike(real_B1R1, key_BKTD), count_shape), axis)
-    means = op.Div(sums, op.Max(counts, op.CastLike(op.Constant(value_float=1.0), key_BKTD)))
-    return op.Reshape(means, op.Concat(batch, heads, padded, dim, axis=0))
+    return op.Gather(op.Reshape(prefix, op.Concat([-1], dim, axis=0)), flat_BKS, axis=0)
 
 
 @graphattn_function
@@ -142,15 +212,6 @@ def BlockPrefixCounts(attention_mask_BT, block_size: int):
 
 
 @graphattn_function
-def QueryRelative(query_BHSD, attention_mask_BT):
-    """rel [B, S] int64: each query's relative position ``T - S + i - start`` (< 0: a pad)."""
-    total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
-    length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
-    slots_S = op.Range(op.Sub(total, length), total, op.Constant(value_int=1))
-    return op.Sub(op.Unsqueeze(slots_S, [0]), SparseRowStart(attention_mask_BT))
-
-
-@graphattn_function
 def CausalBlockScores(
     query_BHSD, key_BKTD, attention_mask_BT, block_size: int, scale: float, cosine: int
 ):
@@ -158,33 +219,28 @@ def CausalBlockScores(
 
     ``cosine = 0``: ``scale · q · mean`` (NSA); ``cosine = 1``: ``q · c / (|q| |c|)`` (routing).
     The query's own block uses the mean of its keys at or before the query."""
-    prefix_BKRD = BlockPrefixMeans(key_BKTD, attention_mask_BT, block_size=block_size)
+    full_sum_BKND = BlockSums(key_BKTD, attention_mask_BT, block_size=block_size)
+    own_sum_BKSD = OwnBlockSums(key_BKTD, attention_mask_BT, query_BHSD, block_size=block_size)
     counts_BR = BlockPrefixCounts(attention_mask_BT, block_size=block_size)
     key_shape = op.Shape(key_BKTD)
     batch = op.Slice(key_shape, [0], [1])
     heads = op.Slice(key_shape, [1], [2])
-    dim = op.Slice(key_shape, [3], [4])
-    padded = op.Slice(op.Shape(prefix_BKRD), [2], [3])
+    padded = op.Slice(op.Shape(counts_BR), [1], [2])
     block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
     blocks = op.Div(padded, block)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    # whole-block means and counts: the prefix at each block's last position
-    blocked = op.Reshape(prefix_BKRD, op.Concat(batch, heads, blocks, block, dim, axis=0))
-    full_BKND = op.Squeeze(op.Slice(blocked, [-1], [9223372036854775807], [3]), [3])
     counts_BNL = op.Reshape(counts_BR, op.Concat(batch, blocks, block, axis=0))
     full_count_BN = op.Squeeze(op.Slice(counts_BNL, [-1], [9223372036854775807], [2]), [2])
-    # the query's own block: the prefix at the query's relative position
     rel_BS = QueryRelative(query_BHSD, attention_mask_BT)
     at_BS = op.Max(rel_BS, zero)
-    row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
-    head_1K1 = op.Unsqueeze(op.Range(zero, op.Squeeze(heads), one), [0, 2])
-    flat_BKS = op.Add(
-        op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), padded), op.Unsqueeze(at_BS, [1])
-    )
-    flat_prefix = op.Reshape(prefix_BKRD, op.Concat([-1], dim, axis=0))
-    own_BKSD = op.Gather(flat_prefix, flat_BKS, axis=0)
     own_count_BS = op.GatherElements(counts_BR, at_BS, axis=1)
+    # means: divided only here, on the small tensors
+    unit = op.CastLike(op.Constant(value_float=1.0), query_BHSD)
+    full_divisor = op.Unsqueeze(op.Max(op.CastLike(full_count_BN, query_BHSD), unit), [1, 3])
+    full_BKND = op.Div(full_sum_BKND, full_divisor)
+    own_divisor = op.Unsqueeze(op.Max(op.CastLike(own_count_BS, query_BHSD), unit), [1, 3])
+    own_BKSD = op.Div(own_sum_BKSD, own_divisor)
     # dot products, query heads grouped per KV head
     query_shape = op.Shape(query_BHSD)
     grouped = op.Concat(batch, heads, [-1], op.Slice(query_shape, [2], [4]), axis=0)
@@ -194,7 +250,6 @@ def CausalBlockScores(
     # normalisers: cosine divides by the norms, the dot product by 1 / scale
     use_cosine = op.Greater(op.Cast(cosine, to=INT64.dtype), zero)
     epsilon = op.CastLike(op.Constant(value_float=COSINE_EPSILON), query_BHSD)
-    unit = op.CastLike(op.Constant(value_float=1.0), query_BHSD)
     inverse_scale = op.Div(unit, op.CastLike(scale, query_BHSD))
     query_norm = op.Max(op.ReduceL2(query_BKGSD, [-1], keepdims=1), epsilon)
     query_norm = op.Where(use_cosine, query_norm, inverse_scale)
@@ -315,6 +370,19 @@ def SelectedAttention(query_BHSD, keys_BKGSMD, values_BKGSMD, slots_BKGSM, scale
 
 
 @graphattn_function
+def KeyScores(query_BHSD, key_BKTD, scale: float):
+    """scores [B, Hkv, G, S, T] = scale · Q Kᵀ, query heads grouped per KV head; the key is
+    unsqueezed before its transpose so that onnxruntime fuses Transpose + MatMul."""
+    query_shape = op.Shape(query_BHSD)
+    grouped_shape = op.Concat(
+        op.Slice(op.Shape(key_BKTD), [0], [2]), [-1], op.Slice(query_shape, [2], [4]), axis=0
+    )
+    query_BKGSD = op.Reshape(op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped_shape)
+    key_BK1DT = op.Transpose(op.Unsqueeze(key_BKTD, [2]), perm=[0, 1, 2, 4, 3])
+    return op.MatMul(query_BKGSD, key_BK1DT)
+
+
+@graphattn_function
 def NsaCoarse(
     query_BHSD,
     key_BKTD,
@@ -338,7 +406,7 @@ def NsaCoarse(
 @graphattn_function
 def NsaFine(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens: int, scale: float):
     """O_f [B, H, S, D]: attention over each query's top-f visible keys by scaled score."""
-    scores_BKGST = GroupedScores(query_BHSD, key_BKTD, scale=scale)
+    scores_BKGST = KeyScores(query_BHSD, key_BKTD, scale=scale)
     one = op.Constant(value_int=1)
     total = op.Squeeze(op.Slice(op.Shape(attention_mask_BT), [1], [2]))
     length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
@@ -383,7 +451,7 @@ def NsaWindow(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, window: int, 
         [1],
     )
     keep_B1SW = op.Unsqueeze(op.And(op.Unsqueeze(in_window_SW, [0]), token_B1W), [1])
-    scores = GroupedScores(query_BHSD, key_BKWD, scale=scale)
+    scores = KeyScores(query_BHSD, key_BKWD, scale=scale)
     return MaskedSoftmaxMix(scores, KeepToBias(keep_B1SW), value_BKWD)
 
 
