@@ -18,6 +18,7 @@ import numpy as np
 import numpy_forward
 import numpy_forward_deepseek
 import numpy_moe
+import onnx
 import pytest
 from decoder_runner import Decoder, positions_for
 from harness import assert_close
@@ -185,10 +186,17 @@ def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
     smallest = recorder.smallest(_call_masks(4), _moe_layers(config))
     assert smallest > MARGIN, f"router margin {smallest:.3g} along the checked run"
     check_latent_cache(tmp_path, config, exports)
-    if "ort" in exports:  # GroupQueryAttention cannot take the latent block: opset-23 Attention
+    if "ort" in exports:  # GroupQueryAttention cannot take a latent block, and says why
         decisions = families.lowering(exports["ort"])
-        assert [d["kernel"] for d in decisions] == ["Attention"] * config["num_hidden_layers"]
-        assert decisions[0]["reasons"] == {"GroupQueryAttention": "latent attention"}
+        assert len(decisions) == config["num_hidden_layers"]
+        for decision in decisions:
+            assert decision["kernel"] != "GroupQueryAttention"
+            assert decision["reasons"]["GroupQueryAttention"] == "latent attention"
+        model = onnx.load(str(exports["ort"] / "model.onnx"), load_external_data=False)
+        metadata = {p.key: p.value for p in model.metadata_props}
+        moe_layers = [d["layer"] for d in json.loads(metadata["graphattn.moe_lowering"])]
+        dense = config.get("first_k_dense_replace") or 0
+        assert moe_layers == [f"layers.{i}" for i in range(dense, config["num_hidden_layers"])]
     return exports
 
 
