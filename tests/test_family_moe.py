@@ -13,11 +13,15 @@ exceeds MARGIN. The margins are recorded by forward hooks on HF's router (``gate
 and asserted again on the run check_family compares.
 """
 
+import json
+
 import families
 import numpy as np
 import numpy_forward
+import onnx
 import pytest
 
+from graphattn.compiler.moe import MOE_LOWERING_KEY
 from graphattn.models import architecture_for
 
 pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -81,7 +85,7 @@ QWEN3_MOE = {  # dense layers 0 and 2 (decoder_sparse_step 2), renormalized top-
     "num_hidden_layers": 3,
     "head_dim": 32,  # ≠ 64 / 4
     "intermediate_size": 80,
-    "moe_intermediate_size": 24,
+    "moe_intermediate_size": 32,  # whole int4 blocks: QMoE can take it
     "num_experts": 8,
     "num_experts_per_tok": 2,
     "norm_topk_prob": True,
@@ -169,38 +173,94 @@ def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS) -> dict
     return exports
 
 
-def moe_decisions(export_dir) -> list:
-    """What the compiler recorded for each layer's MLP (None for layers without a record)."""
-    return [d.get("mlp") for d in families.lowering(export_dir)]
+def moe_kernels(export_dir) -> dict[str, str]:
+    """What the compiler made of each layer's MoE block (``graphattn.moe_lowering``): layer →
+    ``MoE`` / ``QMoE`` (onnxruntime's kernels) or ``portable (<form> experts): <reason>``."""
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    decisions = json.loads(metadata.get(MOE_LOWERING_KEY, "[]"))
+    return {
+        d["layer"]: d["kernel"]
+        if d["kernel"] != "portable"
+        else f"portable ({d['form']} experts): " + "; ".join(d["reasons"].values())
+        for d in decisions
+    }
+
+
+def qmoe_export(tmp_path, exports: dict) -> dict[str, str]:
+    """An int4 ort export for onnxruntime 1.32 (where the CPU QMoE takes block-wise scales):
+    its prefill logits finite and correlated with the fp32 ort export's at least
+    families.PRECISION_FLOORS["int4"]; returns what each MoE block became."""
+    from decoder_runner import Decoder
+
+    from graphattn import export
+
+    out = tmp_path / "ort-int4-ort1.32"
+    export(
+        tmp_path / "hf",
+        out,
+        target="ort",
+        precision="int4",
+        ort_version="1.32",
+        last_logits_only=False,
+    )
+    ids, mask = families.left_padded(families.PROMPTS)
+    real = mask.astype(bool)
+    logits = Decoder(out)(ids, mask)[0][real].astype(np.float64)
+    reference = Decoder(exports["ort"])(ids, mask)[0][real].astype(np.float64)
+    assert np.isfinite(logits).all()
+    correlation = float(np.corrcoef(logits.ravel(), reference.ravel())[0, 1])
+    assert correlation >= families.PRECISION_FLOORS["int4"], correlation
+    return moe_kernels(out)
+
+
+STANDARD_OPS = "portable (routed experts): target portable: standard ops only"
+QMOE_130 = (
+    "portable (routed experts): onnxruntime 1.30's CPU QMoE rejects block-wise scales"
+    " (block-wise QMoE needs 1.32)"
+)
 
 
 # ---------------------------------------------------------------------------------- tests
 def test_mixtral_matches_transformers_on_every_target(tmp_path, monkeypatch):
     exports = check(tmp_path, monkeypatch, MIXTRAL)
     families.check_precisions(tmp_path / "hf", tmp_path)
-    assert all(d is not None for d in moe_decisions(exports["ort"]))
+    layers = ("layers.0", "layers.1")
+    # ort: onnxruntime's MoE kernel (softmax top-2 renormalized, SwiGLU) at fp32 and fp16
+    assert moe_kernels(exports["ort"]) == dict.fromkeys(layers, "MoE")
+    assert moe_kernels(tmp_path / "ort-fp16") == dict.fromkeys(layers, "MoE")
+    assert moe_kernels(exports["portable"]) == dict.fromkeys(layers, STANDARD_OPS)
+    # int4: portable experts for the default onnxruntime 1.30, QMoE for 1.32
+    assert moe_kernels(tmp_path / "ort-int4") == dict.fromkeys(layers, QMOE_130)
+    assert qmoe_export(tmp_path, exports) == dict.fromkeys(layers, "QMoE")
 
 
 def test_qwen2_moe_dense_first_layer_and_gated_shared_expert(tmp_path, monkeypatch):
     exports = check(tmp_path, monkeypatch, QWEN2_MOE)
     families.check_precisions(tmp_path / "hf", tmp_path)
-    decisions = moe_decisions(exports["ort"])
-    assert decisions[0] is None and all(d is not None for d in decisions[1:])
+    sparse = ("layers.1", "layers.2")  # layer 0 is dense: no MoE block, no record
+    assert moe_kernels(exports["ort"]) == dict.fromkeys(sparse, "MoE")
+    # norm_topk_prob off: the CPU QMoE would renormalize, so int4 experts stay portable
+    kernels = qmoe_export(tmp_path, exports)
+    assert set(kernels) == set(sparse)
+    assert all("renormalizes" in k and k.startswith("portable") for k in kernels.values())
 
 
 def test_qwen2_moe_every_layer_sparse_renormalized(tmp_path, monkeypatch):
-    check(tmp_path, monkeypatch, QWEN2_MOE_SPARSE)
+    exports = check(tmp_path, monkeypatch, QWEN2_MOE_SPARSE)
+    assert moe_kernels(exports["ort"]) == dict.fromkeys(("layers.0", "layers.1"), "MoE")
 
 
 def test_qwen3_moe_dense_layers_by_sparse_step(tmp_path, monkeypatch):
     exports = check(tmp_path, monkeypatch, QWEN3_MOE)
     families.check_precisions(tmp_path / "hf", tmp_path)
-    decisions = moe_decisions(exports["ort"])
-    assert decisions[0] is None and decisions[1] is not None and decisions[2] is None
+    assert moe_kernels(exports["ort"]) == {"layers.1": "MoE"}  # layers 0 and 2 are dense
+    assert qmoe_export(tmp_path, exports) == {"layers.1": "QMoE"}
 
 
 def test_qwen3_moe_every_layer_sparse_sliding(tmp_path, monkeypatch):
-    check(tmp_path, monkeypatch, QWEN3_MOE_SPARSE)
+    exports = check(tmp_path, monkeypatch, QWEN3_MOE_SPARSE)
+    assert moe_kernels(exports["ort"]) == dict.fromkeys(("layers.0", "layers.1"), "MoE")
 
 
 # ------------------------------------------------------------------- mapping and refusals
@@ -232,7 +292,7 @@ def test_mapping_reads_every_moe_key():
 
     qwen3 = architecture_for(QWEN3_MOE).config_from_hf(QWEN3_MOE)
     assert qwen3.model_type == "qwen3_moe"
-    assert _mlps(QWEN3_MOE) == [("gated", 80), ("moe", 24), ("gated", 80)]
+    assert _mlps(QWEN3_MOE) == [("gated", 80), ("moe", 32), ("gated", 80)]
     assert qwen3.layers[1].mlp.moe.normalize and qwen3.layers[1].mlp.moe.shared_size is None
     assert qwen3.layers[0].attention.qk_norm is not None and qwen3.head_dim == 32
     assert [layer.attention.window for layer in qwen3.layers] == [None] * 3
