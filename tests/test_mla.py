@@ -396,30 +396,57 @@ def test_decode_equals_one_pass_and_padding(target):
         assert_close(batch_calls[1][r], alone_calls[1][0].astype(np.float64), 1e-5, f"row {r} step")
 
 
-def test_lowering_is_recorded():
-    """GroupQueryAttention declines latent blocks ("latent attention"); the block's core is
-    one opset-23 Attention (absorbed: MQA, one key head of r + p, a value of r), said in
-    ``inspect --explain``."""
+def test_lowering_is_recorded(monkeypatch):
+    """GroupQueryAttention declines latent blocks ("latent attention"). The absorbed MQA
+    stays grouped MatMuls (reason recorded under Attention), the expanded form becomes one
+    opset-23 Attention per layer; ``latent.ABSORBED_TO_ATTENTION`` sends the absorbed MQA to
+    Attention too, computing the same logits. All said in ``inspect --explain``."""
+    from graphattn.compiler import latent
+
     cfg = mla_config(True, True)
-    proto = build(cfg, random_weights(cfg), "ort")
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    decisions = json.loads(metadata[LOWERING_KEY])
+    w = random_weights(cfg)
+
+    def lowered(config):
+        proto = build(config, w, "ort")
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        ops = [n.op_type for n in proto.graph.node]
+        return proto, json.loads(metadata[LOWERING_KEY]), ops, "\n".join(explain(metadata))
+
+    proto, decisions, ops, text = lowered(cfg)
     assert [d["layer"] for d in decisions] == ["layers.0", "layers.1"]
     for decision in decisions:
-        assert decision["kernel"] == "Attention"
-        assert decision["reasons"] == {"GroupQueryAttention": "latent attention"}
-        assert decision["detail"].startswith("absorbed: MQA")
-    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
-    assert len(attention) == 2
-    assert not [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
-    lines = explain(metadata)
-    assert "not GroupQueryAttention: latent attention" in "\n".join(lines)
-    assert "absorbed: MQA of 3 query heads" in "\n".join(lines)
-    # 3-D k_up/v_up stay float under int4 (the quantizers take 2-D weights)
+        assert decision["kernel"] == "decomposed"
+        assert decision["reasons"]["GroupQueryAttention"] == "latent attention"
+        assert decision["reasons"]["Attention"].startswith("absorbed MQA over one latent head")
+        assert decision["detail"].endswith("as grouped MatMuls")
+    assert "Attention" not in ops and "GroupQueryAttention" not in ops
+    assert "not GroupQueryAttention: latent attention" in text
+    assert "absorbed: MQA of 3 query heads over one [latent 10 | rope key 4] key head" in text
+    grouped, _ = run_steps(Runner(proto), RNG_IDS)
+
+    _, decisions, ops, text = lowered(mla_config(True, True, "expanded"))
+    assert [d["kernel"] for d in decisions] == ["Attention", "Attention"]
+    assert decisions[0]["reasons"] == {"GroupQueryAttention": "latent attention"}
+    assert ops.count("Attention") == 2 and "expanded: MHA of 3 heads" in text
+
+    monkeypatch.setattr(latent, "ABSORBED_TO_ATTENTION", True)
+    proto, decisions, ops, _ = lowered(cfg)
+    assert [d["kernel"] for d in decisions] == ["Attention", "Attention"]
+    assert ops.count("Attention") == 2
+    attention, _ = run_steps(Runner(proto), RNG_IDS)
+    for k, (a, b) in enumerate(zip(attention, grouped)):
+        assert_close(a, b.astype(np.float64), 1e-5, f"Attention vs grouped call {k}")
+
+
+def test_int4_keeps_the_per_head_up_projections_float():
+    """3-D k_up/v_up stay float under int4 (the quantizers take 2-D weights); the 2-D
+    projections become MatMulNBits."""
+    cfg = mla_config(True, True)
     quantized = build(cfg, random_weights(cfg), "ort", "int4")
     floats = {t.name for t in quantized.graph.initializer if len(t.dims) == 3}
     assert {"layers.0.k_up.weight", "layers.0.v_up.weight"} <= floats
-    assert [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
+    nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 2 * 3 + 1  # per layer q_a+kv_a (packed), q_b, o; lm_head
 
 
 def test_emitter_errors_name_the_problem():

@@ -25,7 +25,7 @@ import onnx_ir.passes.common as common
 from graphattn.compiler.attention3d import ATTENTION_RULE
 from graphattn.compiler.blocks import Context, lower_blocks, record
 from graphattn.compiler.grouped_query import GROUPED_QUERY_RULE
-from graphattn.compiler.latent import INLINED_PREFIX, LATENT_RULE
+from graphattn.compiler.latent import GROUPED, INLINED_PREFIX, LATENT_RULE, keep_grouped
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
 
@@ -53,7 +53,7 @@ def lower_to_standard(graph: ir.Graph) -> int:
     float32 = _float_dtype(graph) == ir.DataType.FLOAT
     count = 0
     for node in list(graph):
-        if node.domain != DOMAIN:
+        if node.domain != DOMAIN or node.metadata_props.get(GROUPED):
             continue
         if node.op_type in ("ScaledDotProductAttention", "ScaledDotProductAttentionSoftcap"):
             attrs = {"scale": float(attribute(node, "scale")), "is_causal": 0}
@@ -129,7 +129,7 @@ def lower_attention_blocks(
     if grouped_query_context is not None:
         rules.insert(0, GROUPED_QUERY_RULE)
     decisions = lower_blocks(ctx, rules)
-    for decision in decisions:  # latent blocks: what their Attention computes
+    for decision in decisions:  # latent blocks: what their score core computes
         how = ctx.shared.get("latent_detail", {}).get(decision["layer"])
         if how is not None:
             decision["detail"] = how
@@ -140,6 +140,7 @@ def lower_attention_blocks(
                     f.domain == DOMAIN and f.name.startswith(("SelfAttention", INLINED_PREFIX))
                 )
             )(model)
+        keep_grouped(graph, ctx)
     record(model, decisions)
     return decisions
 
