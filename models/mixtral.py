@@ -46,6 +46,21 @@ def refuse_quantized(config: Mapping[str, object], model_type: str) -> None:
     )
 
 
+# More experts per layer than any published MoE (DeepSeek-V3 256, Qwen3-Next 512) by a margin;
+# beyond it the per-expert weight plan would only exhaust memory.
+MAX_EXPERTS = 1024
+
+
+def expert_count(config: Mapping[str, object], *keys: str, minimum: int = 1) -> int:
+    """The number of routed experts from the first of ``keys`` present, at most
+    MAX_EXPERTS; ValueError naming the key otherwise."""
+    count = integer(config, *keys, minimum=minimum)
+    if count > MAX_EXPERTS:
+        key = next(k for k in keys if config.get(k) is not None)
+        raise ValueError(f"config.json {key!r} must be at most {MAX_EXPERTS}, got {count}")
+    return count
+
+
 def moe_spec(
     config: Mapping[str, object],
     *,
@@ -95,7 +110,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
     )
     mlp = moe_spec(
         config,
-        experts=integer(config, "num_local_experts", "num_experts"),
+        experts=expert_count(config, "num_local_experts", "num_experts"),
         expert_size=integer(config, "intermediate_size"),
         normalize=True,
     )

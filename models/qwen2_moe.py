@@ -54,7 +54,7 @@ def layer_mlps(
     """Each layer's MLP: a dense SwiGLU of ``intermediate_size`` or the softmax top-k MoE of
     ``moe_intermediate_size`` experts (``norm_topk_prob``, default False), with the shared
     expert of ``shared_expert_intermediate_size`` when ``shared``."""
-    experts = integer(config, *experts_keys, minimum=0)
+    experts = mixtral.expert_count(config, *experts_keys, minimum=0)
     sparse = sparse_layers(config, count, experts)
     act = activation(config, "hidden_act", "silu", ACTIVATIONS)
     dense = MlpSpec("gated", act, integer(config, "intermediate_size"))
@@ -75,13 +75,13 @@ def layer_mlps(
     return [moe if s else dense for s in sparse]
 
 
-def qwen2_layer_types(config: Mapping[str, object], count: int) -> list[str]:
+def qwen2_layer_types(config: Mapping[str, object], count: int) -> object:
     """``layer_types`` as transformers' Qwen2MoeConfig fills it when the file does not state
     it: sliding for even ``i < max_window_layers`` when ``use_sliding_window``."""
     use = bool(optional(config, "use_sliding_window", False))
-    if config.get("layer_types") is not None:
-        types = list(config["layer_types"])
-        if SLIDING in types and not use:
+    types = config.get("layer_types")
+    if types is not None:  # checked by llama.config_from_hf (common.layer_types)
+        if isinstance(types, list) and SLIDING in types and not use:
             raise ValueError(
                 "config.json layer_types has sliding_attention layers but use_sliding_window is"
                 " false (transformers then sets sliding_window to 0)"

@@ -346,6 +346,12 @@ def test_weight_plan_roles_and_shapes():
         (QWEN3_MOE, "layer_types", ["full_attention"] * 3),
         (QWEN3_MOE, "quantization_config", {"quant_method": "fp8"}),
         (QWEN3_MOE, "num_experts", -1),
+        (
+            QWEN3_MOE,
+            "num_experts",
+            1025,
+        ),  # more than MAX_EXPERTS: the plan would only exhaust memory
+        (QWEN2_MOE, "layer_types", "full_attention"),
     ],
 )
 def test_refused_keys_are_named(config, key, value):
