@@ -39,7 +39,8 @@ from graphattn.spec import (
     latent_up,
 )
 
-H, NOPE, ROPE, V, RANK, Q_RANK, C, VOCAB, FFN = 3, 8, 4, 6, 10, 12, 16, 40, 24
+# int4/int8 blocks are 32 wide: every quantized projection's input width is a multiple of 32
+H, NOPE, ROPE, V, RANK, Q_RANK, C, VOCAB, FFN = 4, 8, 4, 8, 16, 32, 32, 40, 32
 THETA, NORM_EPS, LATENT_EPS = 10000.0, 1e-5, 1e-6
 SCALE = 0.37  # not 1/sqrt(head_dim): the scale attribute must reach the scores
 
@@ -359,7 +360,12 @@ def test_every_target_and_precision():
             assert_close(mine, theirs, 1e-4, f"{target} fp32 call {k}")
     for target in ("portable", "ort"):
         for precision in ("fp16", "int8", "int4"):
-            calls, presents = run_steps(Runner(build(cfg, w, target, precision)), RNG_IDS)
+            proto = build(cfg, w, target, precision)
+            if precision != "fp16":  # every 2-D projection quantized (non-vacuous)
+                kernel = "MatMulNBits" if target == "ort" else "DequantizeLinear"
+                quantized = [n for n in proto.graph.node if n.op_type == kernel]
+                assert len(quantized) >= 2 * 5 + 1, f"{target} {precision}: {len(quantized)}"
+            calls, presents = run_steps(Runner(proto), RNG_IDS)
             for k, logits in enumerate(calls):
                 assert np.isfinite(logits).all(), f"{target} {precision} call {k}"
             assert presents[-1]["present.1.latent"].shape == (2, PREFILL + DECODE, RANK)
@@ -421,13 +427,13 @@ def test_lowering_is_recorded(monkeypatch):
         assert decision["detail"].endswith("as grouped MatMuls")
     assert "Attention" not in ops and "GroupQueryAttention" not in ops
     assert "not GroupQueryAttention: latent attention" in text
-    assert "absorbed: MQA of 3 query heads over one [latent 10 | rope key 4] key head" in text
+    assert f"absorbed: MQA of {H} query heads over one [latent {RANK} | rope key {ROPE}]" in text
     grouped, _ = run_steps(Runner(proto), RNG_IDS)
 
     _, decisions, ops, text = lowered(mla_config(True, True, "expanded"))
     assert [d["kernel"] for d in decisions] == ["Attention", "Attention"]
     assert decisions[0]["reasons"] == {"GroupQueryAttention": "latent attention"}
-    assert ops.count("Attention") == 2 and "expanded: MHA of 3 heads" in text
+    assert ops.count("Attention") == 2 and f"expanded: MHA of {H} heads" in text
 
     monkeypatch.setattr(latent, "ABSORBED_TO_ATTENTION", True)
     proto, decisions, ops, _ = lowered(cfg)
