@@ -13,9 +13,11 @@ from importlib.util import find_spec
 
 import families
 import numpy as np
+import onnx
 import pytest
 from families import PROMPTS, check_family, check_precisions, hf_steps, left_padded, lowering
 
+from graphattn.compiler.moe import MOE_LOWERING_KEY
 from graphattn.models import architecture_for
 from graphattn.models.gpt_oss import config_from_hf
 
@@ -120,6 +122,15 @@ def test_gpt_oss_matches_transformers(name, tmp_path, monkeypatch):
     for decision in lowering(exports["portable"]):
         assert decision["kernel"] == "decomposed", decision
         assert decision["reasons"]["Attention"].startswith("attention sinks")
+    # the clamped SwiGLU experts: onnxruntime's MoE kernel on ort, standard ops on portable
+    assert moe_kernels(exports["ort"]) == ["MoE"] * config["num_hidden_layers"]
+    assert moe_kernels(exports["portable"]) == ["portable"] * config["num_hidden_layers"]
+
+
+def moe_kernels(export_dir) -> list[str]:
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    return [d["kernel"] for d in json.loads(metadata[MOE_LOWERING_KEY])]
 
 
 @NEEDS_MOE
