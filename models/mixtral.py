@@ -119,10 +119,11 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
 
 # ------------------------------------------------------------------------------ weights
 def drop_mlp_roles(plan: dict[str, WeightSource], i: int) -> None:
-    """Remove layer ``i``'s dense MLP roles (``layers.{i}.mlp.*``) that
-    :func:`llama.layer_weights` planned, before the MoE roles replace them."""
-    for role in [r for r in plan if r.startswith(f"layers.{i}.mlp.")]:
-        del plan[role]
+    """Remove layer ``i``'s dense MLP roles (``layers.{i}.mlp.{gate,up,down}_{weight,bias}``)
+    that :func:`llama.layer_weights` planned, before the MoE roles replace them."""
+    for part in ("gate", "up", "down"):
+        for kind in ("weight", "bias"):
+            plan.pop(f"layers.{i}.mlp.{part}_{kind}", None)
 
 
 def gated_roles(

@@ -364,3 +364,95 @@ def test_sliding_layers_without_use_sliding_window_are_refused():
     config = {**QWEN2_MOE, "layer_types": ["sliding_attention"] + ["full_attention"] * 2}
     with pytest.raises(ValueError, match="use_sliding_window"):
         architecture_for(config).config_from_hf(config)
+
+
+# The published config.json files of Mixtral-8x7B-v0.1, Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B
+# (the keys that matter here, written out: no download).
+MIXTRAL_8X7B = {
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "output_router_logits": False,
+    "sliding_window": None,
+    "vocab_size": 32000,
+}
+QWEN15_MOE_A27B = {
+    "model_type": "qwen2_moe",
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 8192,
+    "max_window_layers": 21,
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "decoder_sparse_step": 1,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "num_experts_per_tok": 4,
+    "num_experts": 60,
+    "norm_topk_prob": False,
+    "rope_theta": 1000000.0,
+    "vocab_size": 151936,
+}
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "decoder_sparse_step": 1,
+    "head_dim": 128,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "experts", "top_k", "width", "normalize", "shared"),
+    [
+        (MIXTRAL_8X7B, 8, 2, 14336, True, None),
+        (QWEN15_MOE_A27B, 60, 4, 1408, False, 5632),
+        (QWEN3_30B_A3B, 128, 8, 768, True, None),
+    ],
+)
+def test_published_configs_map(config, experts, top_k, width, normalize, shared):
+    architecture = architecture_for(config)
+    cfg = architecture.config_from_hf(config)
+    specs = {layer.mlp.moe for layer in cfg.layers}
+    assert len(specs) == 1  # every layer sparse
+    (spec,) = specs
+    assert (spec.num_experts, spec.top_k, spec.expert_size) == (experts, top_k, width)
+    assert (spec.normalize, spec.shared_size) == (normalize, shared)
+    assert all(layer.attention.window is None for layer in cfg.layers)
+    plan = architecture.weights(cfg)
+    c, last = cfg.hidden_size, cfg.num_layers - 1
+    assert plan[f"layers.{last}.mlp.router.weight"].graph_shape == (c, experts)
+    assert plan[f"layers.{last}.mlp.experts.{experts - 1}.down_weight"].graph_shape == (width, c)
+    routed = sum(".experts." in role for role in plan)
+    assert routed == cfg.num_layers * experts * 3
