@@ -252,6 +252,26 @@ def test_deepseek_v2_lite_without_low_rank_query(tmp_path, monkeypatch):
     check(tmp_path, monkeypatch, V2_LITE)
 
 
+def test_expanded_form_matches_transformers_too(tmp_path, monkeypatch):
+    """LatentSpec form ``expanded`` (K/V expanded from the whole cached latent each step, the
+    comparison form) on the V2 config: same HF logits, same latent cache."""
+    import dataclasses
+
+    import graphattn.models
+
+    architecture = graphattn.models.REGISTRY["deepseek_v2"]
+
+    def expanded(config):
+        cfg = architecture.config_from_hf(config)
+        latent = dataclasses.replace(cfg.layers[0].attention.latent, form="expanded")
+        return cfg.replace_attention(latent=latent)
+
+    patched = dataclasses.replace(architecture, config_from_hf=expanded)
+    monkeypatch.setitem(graphattn.models.REGISTRY, "deepseek_v2", patched)
+    exports = check(tmp_path, monkeypatch, V2, targets=("portable",))
+    assert "expanded" in families.lowering(exports["portable"])[0]["detail"]
+
+
 def test_mapping_reads_every_deepseek_key():
     cfg = architecture_for(V3).config_from_hf(V3)
     first, moe = cfg.layers[0], cfg.layers[1]
