@@ -7,8 +7,10 @@ against dense attention, lowered to ``portable`` (standard ONNX ops) and run in 
 One query (S = 1, batch 1) against a cache of ``context - 1`` keys plus its own: 8 query
 heads, 2 KV heads, head_dim 64, fp32. Dense is ``scaled_dot_product_attention`` (lowered to
 opset-23 ``Attention``); NSA uses blocks of 64, top-16 blocks, top-256 tokens and a window of
-512; routed attention segments of 64 and top-16 segments (both attend about 1k keys). NSA's
-three paths are also timed alone, to show where its step goes. Each figure is the median
+512; routed attention segments of 64 and top-16 segments (both attend about 1k keys); each
+with a selection per query head and per KV head (``group``: the 4 query heads of a KV head
+share it). NSA's three paths (per-head selection) are also timed alone, to show where its
+step goes. Each figure is the median
 of ``--runs`` calls; rounds interleave the graphs so machine noise hits them alike, and the
 table keeps each graph's best round.
 """
@@ -65,7 +67,7 @@ def build(kind: str) -> bytes:
         out, _, _ = ops.scaled_dot_product_attention(
             g, x["query"], x["key"], x["value"], mask=bias, **common, **past
         )
-    elif kind == "nsa":
+    elif kind in ("nsa", "nsa group"):
         gate = g.initializer("gate", np.zeros(HEADS, dtype=np.float32))
         out, _, _ = native_sparse_attention(
             g,
@@ -76,11 +78,12 @@ def build(kind: str) -> bytes:
             gate_fine=gate,
             gate_window=gate,
             attention_mask_BT=x["attention_mask"],
+            selection="group" if kind.endswith("group") else "head",
             **common,
             **NSA,
             **past,
         )
-    elif kind == "routed":
+    elif kind in ("routed", "routed group"):
         cos = g.input("cos", FLOAT, [1, "total", DIM // 2])
         sin = g.input("sin", FLOAT, [1, "total", DIM // 2])
         out, _, _ = sparse_routed_attention(
@@ -91,6 +94,7 @@ def build(kind: str) -> bytes:
             cos_BTR=cos,
             sin_BTR=sin,
             attention_mask_BT=x["attention_mask"],
+            selection="group" if kind.endswith("group") else "head",
             **common,
             **ROUTED,
             **past,
@@ -100,8 +104,8 @@ def build(kind: str) -> bytes:
         value = g.op("Concat", [x["past_value"], x["value"]], {"axis": 2}, name="value_all")
         scale = {"scale": DIM**-0.5}
         function, attributes = {
-            "nsa coarse": (NsaCoarse, {"block_size": 64, "top_blocks": 16}),
-            "nsa fine": (NsaFine, {"top_tokens": 256}),
+            "nsa coarse": (NsaCoarse, {"block_size": 64, "top_blocks": 16, "shared": 0}),
+            "nsa fine": (NsaFine, {"top_tokens": 256, "shared": 0}),
             "nsa window": (NsaWindow, {"window": 512}),
         }[kind]
         out = g.call(
@@ -127,7 +131,7 @@ def feeds_for(kind: str, context: int, rng: np.random.Generator) -> dict[str, np
     }
     if kind == "dense":
         feeds["input_ids"] = np.zeros((1, 1), dtype=np.int64)
-    if kind == "routed":
+    if kind.startswith("routed"):
         angles = np.arange(context)[:, None] * 10000.0 ** (-np.arange(DIM // 2) / (DIM // 2))
         feeds["cos"] = np.cos(angles)[None].astype(np.float32)
         feeds["sin"] = np.sin(angles)[None].astype(np.float32)
@@ -153,7 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
 
-    kinds = ["dense", "nsa", "routed", "nsa coarse", "nsa fine", "nsa window"]
+    kinds = [
+        "dense",
+        "nsa",
+        "nsa group",
+        "routed",
+        "routed group",
+        "nsa coarse",
+        "nsa fine",
+        "nsa window",
+    ]
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1

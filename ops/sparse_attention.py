@@ -66,8 +66,8 @@ from graphattn.ops.masks import KeepToBias
 
 # Score of a block/key that may not be chosen: below any real score, so TopK ranks it last;
 # anything chosen at or below NOT_CHOSEN_BELOW is dropped afterwards.
-NOT_CANDIDATE = -3.0e38
-NOT_CHOSEN_BELOW = -1.0e38
+NOT_CANDIDATE = -1.0e30
+NOT_CHOSEN_BELOW = -1.0e29
 COSINE_EPSILON = 1e-12
 
 
@@ -275,9 +275,19 @@ def CausalBlockScores(
 
 
 @graphattn_function
-def ChooseTop(scores_BKGSN, top: int):
-    """chosen [B, Hkv, G, S, min(top, N)] int64: the indices of the ``top`` best scores along
-    the last axis, best first, -1 where the choice was not a candidate."""
+def GroupScores(scores_BKGSX, shared: int):
+    """``shared = 0``: the scores as they are; ``1``: summed over the G query heads of each
+    KV head, ``[B, Hkv, 1, S, X]`` (one selection per KV head, as NSA's GQA kernels share)."""
+    axes = op.Slice([2], [0], op.Reshape(op.Cast(shared, to=INT64.dtype), [1]))
+    return op.ReduceSum(scores_BKGSX, axes, keepdims=1, noop_with_empty_axes=1)
+
+
+@graphattn_function
+def ChooseTop(scores_BKGSN, top: int, shared: int):
+    """chosen [B, Hkv, G or 1, S, min(top, N)] int64: the indices of the ``top`` best scores
+    along the last axis (of the group's summed scores when ``shared``), best first, -1 where
+    the choice was not a candidate."""
+    scores_BKGSN = GroupScores(scores_BKGSN, shared=shared)
     top_1 = op.Reshape(op.Cast(top, to=INT64.dtype), [1])
     count = op.Min(top_1, op.Slice(op.Shape(scores_BKGSN), [-1], [9223372036854775807]))
     values, indices = op.TopK(scores_BKGSN, count, axis=-1, largest=1, sorted=1)
@@ -363,7 +373,15 @@ def SelectedSoftmaxMix(scores_BKGSM, slots_BKGSM, values_BKGSMD):
 def SelectedAttention(query_BHSD, keys_BKGSMD, values_BKGSMD, slots_BKGSM, scale: float):
     """output [B, H, S, D] = softmax(scale · q · k over the selected keys) · v."""
     keys_shape = op.Shape(keys_BKGSMD)
-    grouped = op.Concat(op.Slice(keys_shape, [0], [4]), [1], op.Slice(keys_shape, [5], [6]), axis=0)
+    query_shape = op.Shape(query_BHSD)
+    grouped = op.Concat(
+        op.Slice(keys_shape, [0], [2]),
+        [-1],
+        op.Slice(query_shape, [2], [3]),
+        [1],
+        op.Slice(keys_shape, [5], [6]),
+        axis=0,
+    )
     query_BKGS1D = op.Reshape(op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped)
     scores = op.MatMul(query_BKGS1D, op.Transpose(keys_BKGSMD, perm=[0, 1, 2, 3, 5, 4]))
     return SelectedSoftmaxMix(op.Squeeze(scores, [4]), slots_BKGSM, values_BKGSMD)
@@ -391,12 +409,13 @@ def NsaCoarse(
     block_size: int,
     top_blocks: int,
     scale: float,
+    shared: int,
 ):
     """O_c [B, H, S, D]: attention over the visible keys of each query's top-c blocks."""
     scores = CausalBlockScores(
         query_BHSD, key_BKTD, attention_mask_BT, block_size=block_size, scale=scale, cosine=0
     )
-    chosen = ChooseTop(scores, top=top_blocks)
+    chosen = ChooseTop(scores, top=top_blocks, shared=shared)
     slots = SelectedBlockSlots(chosen, attention_mask_BT, block_size=block_size)
     keys = GatherSlots(key_BKTD, slots)
     values = GatherSlots(value_BKTD, slots)
@@ -404,7 +423,9 @@ def NsaCoarse(
 
 
 @graphattn_function
-def NsaFine(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens: int, scale: float):
+def NsaFine(
+    query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens: int, scale: float, shared: int
+):
     """O_f [B, H, S, D]: attention over each query's top-f visible keys by scaled score."""
     scores_BKGST = KeyScores(query_BHSD, key_BKTD, scale=scale)
     one = op.Constant(value_int=1)
@@ -422,9 +443,12 @@ def NsaFine(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens: int
     )
     top_1 = op.Reshape(op.Cast(top_tokens, to=INT64.dtype), [1])
     count = op.Min(top_1, op.Reshape(total, [1]))
-    values, indices = op.TopK(masked, count, axis=-1, largest=1, sorted=1)
-    chosen = op.Greater(values, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), values))
+    ranked, indices = op.TopK(GroupScores(masked, shared=shared), count, axis=-1)
+    chosen = op.Greater(ranked, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), ranked))
     slots = op.Where(chosen, indices, op.Constant(value_int=-1))
+    chosen_shape = op.Concat(op.Slice(op.Shape(masked), [0], [4]), count, axis=0)
+    # axis 4, not -1: onnx.reference's GatherElements mishandles a negative axis
+    values = op.GatherElements(masked, op.Expand(indices, chosen_shape), axis=4)
     gathered = GatherSlots(value_BKTD, slots)
     return SelectedSoftmaxMix(values, slots, gathered)
 
@@ -469,6 +493,7 @@ def NativeSparseAttention(
     top_tokens: int,
     window: int,
     scale: float,
+    shared: int,
 ):
     """output [B, H, S, D] = σ(g_c) O_c + σ(g_f) O_f + σ(g_w) O_w (see the module docstring);
     gates broadcastable to [B, H, S, 1]."""
@@ -480,9 +505,16 @@ def NativeSparseAttention(
         block_size=block_size,
         top_blocks=top_blocks,
         scale=scale,
+        shared=shared,
     )
     fine = NsaFine(
-        query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, top_tokens=top_tokens, scale=scale
+        query_BHSD,
+        key_BKTD,
+        value_BKTD,
+        attention_mask_BT,
+        top_tokens=top_tokens,
+        scale=scale,
+        shared=shared,
     )
     local = NsaWindow(
         query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, window=window, scale=scale
@@ -527,13 +559,15 @@ def SparseRotaryInterleaved(x, cos, sin):
 
 
 @graphattn_function
-def RoutedSelection(query_BHSD, key_BKTD, attention_mask_BT, segment_size: int, top_k: int):
+def RoutedSelection(
+    query_BHSD, key_BKTD, attention_mask_BT, segment_size: int, top_k: int, shared: int
+):
     """slots [B, Hkv, G, S, k·L]: the visible keys of each query's top-k segments by cosine
     similarity of the (un-rotated) query and the segment centroids; -1 where none."""
     scores = CausalBlockScores(
         query_BHSD, key_BKTD, attention_mask_BT, block_size=segment_size, scale=1.0, cosine=1
     )
-    chosen = ChooseTop(scores, top=top_k)
+    chosen = ChooseTop(scores, top=top_k, shared=shared)
     return SelectedBlockSlots(chosen, attention_mask_BT, block_size=segment_size)
 
 
@@ -555,10 +589,16 @@ def SparseRoutedAttention(
     segment_size: int,
     top_k: int,
     scale: float,
+    shared: int,
 ):
     """output [B, H, S, D]: routed attention with split-halves RoPE (module docstring)."""
     slots = RoutedSelection(
-        query_BHSD, key_BKTD, attention_mask_BT, segment_size=segment_size, top_k=top_k
+        query_BHSD,
+        key_BKTD,
+        attention_mask_BT,
+        segment_size=segment_size,
+        top_k=top_k,
+        shared=shared,
     )
     keys = GatherSlots(key_BKTD, slots)
     values = GatherSlots(value_BKTD, slots)
@@ -582,10 +622,16 @@ def SparseRoutedAttentionInterleaved(
     segment_size: int,
     top_k: int,
     scale: float,
+    shared: int,
 ):
     """output [B, H, S, D]: routed attention with interleaved (GPT-J) RoPE."""
     slots = RoutedSelection(
-        query_BHSD, key_BKTD, attention_mask_BT, segment_size=segment_size, top_k=top_k
+        query_BHSD,
+        key_BKTD,
+        attention_mask_BT,
+        segment_size=segment_size,
+        top_k=top_k,
+        shared=shared,
     )
     keys = GatherSlots(key_BKTD, slots)
     values = GatherSlots(value_BKTD, slots)
@@ -603,6 +649,17 @@ def _check_count(parameter: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{parameter} must be an int >= 1, got {value!r}")
     return value
+
+
+SELECTIONS = ("head", "group")
+
+
+def _check_selection(selection: str) -> int:
+    """``head``: every query head selects its own blocks/keys; ``group``: the G query heads of
+    a KV head share one selection, by the sum of their scores (the attribute ``shared``)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    return int(selection == "group")
 
 
 def _static_dim(value: ir.Value, axis: int) -> int | None:
@@ -717,6 +774,7 @@ def native_sparse_attention(
     window: int,
     attention_mask_BT: ir.Value | None = None,
     scale: float | None = None,
+    selection: str = "head",
     past_key_BKPD: ir.Value | None = None,
     past_value_BKPD: ir.Value | None = None,
     name: str = "nsa",
@@ -728,7 +786,8 @@ def native_sparse_attention(
     positions and are appended to ``past_key/past_value [B, Hkv, P, D]`` when given. Gates:
     ``[num_heads]`` logits (learned per head) or ``[B, S, num_heads]`` (per token).
     ``attention_mask [B, T]`` int64 (default: all ones). ``scale`` defaults to
-    ``1/sqrt(head_dim)``.
+    ``1/sqrt(head_dim)``. ``selection``: ``head`` (each query head picks its own blocks and
+    keys) or ``group`` (the query heads of one KV head share the picks, by summed scores).
     """
     _check_inputs(query_BHSD, key_BKSD, value_BKSD, num_heads, kv_heads, head_dim)
     attributes = {
@@ -737,6 +796,7 @@ def native_sparse_attention(
         "top_tokens": _check_count("top_tokens", top_tokens),
         "window": _check_count("window", window),
         "scale": 1.0 / math.sqrt(head_dim) if scale is None else _check_positive("scale", scale),
+        "shared": _check_selection(selection),
     }
     key_BKTD, value_BKTD = _with_past(g, key_BKSD, value_BKSD, past_key_BKPD, past_value_BKPD, name)
     mask = _mask_or_ones(g, attention_mask_BT, query_BHSD, key_BKTD, name)
@@ -773,6 +833,7 @@ def sparse_routed_attention(
     interleaved: bool = False,
     attention_mask_BT: ir.Value | None = None,
     scale: float | None = None,
+    selection: str = "head",
     past_key_BKPD: ir.Value | None = None,
     past_value_BKPD: ir.Value | None = None,
     name: str = "routed",
@@ -782,6 +843,8 @@ def sparse_routed_attention(
 
     ``query``/``key`` are not rotated; ``cos/sin [B, T, R]`` hold every slot's RoPE table
     (past and new: the gathered keys rotate at their own positions), ``2R <= head_dim``.
+    ``selection``: ``head`` or ``group`` (the query heads of a KV head share the segments,
+    by their summed cosine similarities).
     """
     _check_inputs(query_BHSD, key_BKSD, value_BKSD, num_heads, kv_heads, head_dim)
     require_rank(cos_BTR, 3, "cos")
@@ -795,6 +858,7 @@ def sparse_routed_attention(
         "segment_size": _check_count("segment_size", segment_size),
         "top_k": _check_count("top_k", top_k),
         "scale": 1.0 / math.sqrt(head_dim) if scale is None else _check_positive("scale", scale),
+        "shared": _check_selection(selection),
     }
     key_BKTD, value_BKTD = _with_past(g, key_BKSD, value_BKSD, past_key_BKPD, past_value_BKPD, name)
     mask = _mask_or_ones(g, attention_mask_BT, query_BHSD, key_BKTD, name)

@@ -69,7 +69,7 @@ def symbolic_shapes(feeds):
 
 
 # ------------------------------------------------------------------------------------ NSA
-def nsa_graph(feeds, heads, kv_heads, block, top_blocks, top_tokens, window):
+def nsa_graph(feeds, heads, kv_heads, block, top_blocks, top_tokens, window, selection="head"):
     def body(g, x):
         out, present_key, present_value = native_sparse_attention(
             g,
@@ -86,6 +86,7 @@ def nsa_graph(feeds, heads, kv_heads, block, top_blocks, top_tokens, window):
             top_blocks=top_blocks,
             top_tokens=top_tokens,
             window=window,
+            selection=selection,
             attention_mask_BT=x["attention_mask"],
             past_key_BKPD=x.get("past_key"),
             past_value_BKPD=x.get("past_value"),
@@ -107,6 +108,7 @@ def nsa_case(
     window,
     pads,
     gate_form="head",
+    selection="head",
 ):
     """(feeds, expected [B, H, S, D], margin) from the first seed whose selections are clear."""
     for seed in range(50):
@@ -132,6 +134,7 @@ def nsa_case(
             top_tokens,
             window,
             DIM**-0.5,
+            shared=selection == "group",
         )
         if margin >= MARGIN:
             return feeds, expected
@@ -163,10 +166,11 @@ NSA_CASES = [
 @pytest.mark.parametrize(
     "case", NSA_CASES, ids=lambda c: "b{}-h{}-kv{}-s{}-p{}-L{}-c{}-f{}-w{}-pad{}".format(*c)
 )
-def test_native_sparse_attention_matches_reference(case):
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_native_sparse_attention_matches_reference(case, selection):
     batch, heads, kv_heads, length, past, block, top_blocks, top_tokens, window, pads = case
-    feeds, expected = nsa_case(*case)
-    proto = nsa_graph(feeds, heads, kv_heads, block, top_blocks, top_tokens, window)
+    feeds, expected = nsa_case(*case, selection=selection)
+    proto = nsa_graph(feeds, heads, kv_heads, block, top_blocks, top_tokens, window, selection)
     from_ort, from_interpreter = run_both(proto, feeds)
     compare(from_ort, feeds, expected, "onnxruntime")
     compare(from_interpreter, feeds, expected, "interpreter")
@@ -192,7 +196,7 @@ def rope_tables(positions: np.ndarray):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved):
+def routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved, selection="head"):
     def body(g, x):
         out, present_key, present_value = sparse_routed_attention(
             g,
@@ -207,6 +211,7 @@ def routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved):
             segment_size=segment,
             top_k=top_k,
             interleaved=interleaved,
+            selection=selection,
             attention_mask_BT=x["attention_mask"],
             past_key_BKPD=x.get("past_key"),
             past_value_BKPD=x.get("past_value"),
@@ -216,7 +221,9 @@ def routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved):
     return build(body, feeds, symbolic_shapes(feeds))
 
 
-def routed_case(batch, heads, kv_heads, length, past, segment, top_k, interleaved, pads):
+def routed_case(
+    batch, heads, kv_heads, length, past, segment, top_k, interleaved, pads, selection="head"
+):
     for seed in range(50):
         rng = np.random.default_rng([seed, batch, heads, kv_heads, length, past, segment, 7])
         feeds, total = draw(rng, batch, heads, kv_heads, length, past)
@@ -235,6 +242,7 @@ def routed_case(batch, heads, kv_heads, length, past, segment, top_k, interleave
             top_k,
             DIM**-0.5,
             interleaved,
+            shared=selection == "group",
         )
         if margin >= MARGIN:
             return feeds, expected
@@ -254,10 +262,11 @@ ROUTED_CASES = [
 @pytest.mark.parametrize(
     "case", ROUTED_CASES, ids=lambda c: "b{}-h{}-kv{}-s{}-p{}-L{}-k{}-il{}-pad{}".format(*c)
 )
-def test_sparse_routed_attention_matches_reference(case):
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_sparse_routed_attention_matches_reference(case, selection):
     batch, heads, kv_heads, length, past, segment, top_k, interleaved, pads = case
-    feeds, expected = routed_case(*case)
-    proto = routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved)
+    feeds, expected = routed_case(*case, selection=selection)
+    proto = routed_graph(feeds, heads, kv_heads, segment, top_k, interleaved, selection)
     from_ort, from_interpreter = run_both(proto, feeds)
     compare(from_ort, feeds, expected, "onnxruntime")
     compare(from_interpreter, feeds, expected, "interpreter")
@@ -284,8 +293,9 @@ def step_feeds(full, start, stop, past):
     return feeds
 
 
+@pytest.mark.parametrize("selection", ["head", "group"])
 @pytest.mark.parametrize("kind", ["nsa", "routed"])
-def test_prefill_then_decode_equals_one_pass(kind):
+def test_prefill_then_decode_equals_one_pass(kind, selection):
     """Prefill 9 tokens, then 5 single-token steps through the cache, equal one pass over 14
     (left-padded batch of 2)."""
     rng = np.random.default_rng(14)
@@ -302,13 +312,19 @@ def test_prefill_then_decode_equals_one_pass(kind):
         for name in ("gate_coarse", "gate_fine", "gate_window"):
             full[name] = rng.standard_normal(heads).astype(np.float32)
         proto = nsa_graph(
-            {**full, "past_key": empty, "past_value": empty}, heads, kv_heads, 3, 2, 4, 3
+            {**full, "past_key": empty, "past_value": empty}, heads, kv_heads, 3, 2, 4, 3, selection
         )
     else:
         positions = np.maximum(np.cumsum(full["attention_mask"], axis=1) - 1, 0)
         full["cos"], full["sin"] = rope_tables(positions)
         proto = routed_graph(
-            {**full, "past_key": empty, "past_value": empty}, heads, kv_heads, 3, 2, False
+            {**full, "past_key": empty, "past_value": empty},
+            heads,
+            kv_heads,
+            3,
+            2,
+            False,
+            selection,
         )
     one_pass = ort_run(proto, step_feeds(full, 0, total, (empty, empty)))
     result = ort_run(proto, step_feeds(full, 0, prefill, (empty, empty)))
