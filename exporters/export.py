@@ -216,6 +216,7 @@ def export(
     last_logits_only: bool = True,
     layout: str = "genai",
     progress: Progress | None = None,
+    sentence_embedding: bool = False,
 ) -> ExportResult:
     """Export a checkpoint (HF directory, ``.gguf`` file or known model name) to ``out_dir``.
 
@@ -241,6 +242,8 @@ def export(
     or ``transformers.js`` (``onnx/model{suffix}.onnx`` + ``.onnx_data``, ``config.json``,
     ``generation_config.json``; see :mod:`graphattn.exporters.transformersjs_layout`).
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
+    ``sentence_embedding``: an encoder (BERT, ModernBERT) also outputs the mean-pooled,
+    normalized ``sentence_embedding`` (see :mod:`graphattn.exporters.export_encoder`).
     """
     if dtype is not None:
         if dtype not in DTYPES:
@@ -267,6 +270,13 @@ def export(
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()
     source = open_source(checkpoint)
+    from graphattn.exporters.export_encoder import export_encoder, is_encoder
+
+    if is_encoder(source.config):
+        return export_encoder(
+            source, out_dir, options, sentence_embedding=sentence_embedding, layout=layout,
+            progress=progress,
+        )  # fmt: skip
     architecture = architecture_for(source.config)
     cfg = architecture.config_from_hf(source.config)
     plan = plan_weights(source, architecture, cfg)

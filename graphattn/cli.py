@@ -167,6 +167,12 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         help="output files: genai (model.onnx + genai_config.json) or transformers.js"
         " (onnx/model{,_fp16,_q4,_quantized}.onnx + config.json, for pipeline(dir))",
     )
+    parser.add_argument(
+        "--sentence-embedding",
+        action="store_true",
+        help="encoders (BERT, ModernBERT): also output sentence_embedding [batch_size, hidden],"
+        " the mean over real tokens, L2-normalized",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -191,6 +197,7 @@ def _export(args: argparse.Namespace) -> int:
         dequantize_at_load=args.dequantize_at_load,
         last_logits_only=not args.all_logits,
         layout=args.layout,
+        sentence_embedding=args.sentence_embedding,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
         else None,
@@ -327,6 +334,39 @@ def _generate(args: argparse.Namespace) -> int:
         f" {t['decode_tokens_per_s']:.1f} tok/s",
         file=sys.stderr,
     )
+    return 0
+
+
+@subcommand
+def _embed_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed", help="print sentence embeddings of texts from an encoder export"
+    )
+    parser.add_argument("export_dir")
+    parser.add_argument("texts", nargs="+", metavar="TEXT")
+    parser.add_argument("--json", action="store_true", help="full vectors as JSON")
+    parser.add_argument("--values", type=int, default=6, help="leading values shown per text")
+    _runtime_options(parser)
+    parser.set_defaults(run=_embed)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import json
+
+    from graphattn.runtime.embeddings import Embedder
+
+    vectors = Embedder(args.export_dir, provider=args.provider, threads=args.threads).embed(
+        args.texts
+    )
+    if args.json:
+        rows = [{"text": t, "embedding": v.tolist()} for t, v in zip(args.texts, vectors)]
+        print(json.dumps(rows))
+        return 0
+    for text, vector in zip(args.texts, vectors):
+        shown = ", ".join(f"{x:+.4f}" for x in vector[: max(args.values, 0)])
+        more = ", ..." if len(vector) > args.values else ""
+        norm = float((vector.astype("float64") ** 2).sum() ** 0.5)
+        print(f"[{shown}{more}] dim {len(vector)} norm {norm:.4f}  {text!r}")
     return 0
 
 
