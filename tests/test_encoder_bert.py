@@ -233,3 +233,26 @@ def test_emitters_check_parameters():
         bidirectional_bias(g, mask, window=0)
     with pytest.raises(ValueError, match="attention_mask must have rank 2"):
         bidirectional_bias(g, hidden3)
+
+
+def test_cli_export_and_task_model(checkpoint, tmp_path, capsys):
+    """``graphattn export`` prints its summary line; a BertForMaskedLM checkpoint (weights under
+    ``bert.``, an MLM head beside them) exports its encoder, equal to the model's ``.bert``."""
+    directory, _, _ = checkpoint
+    out = tmp_path / "cli"
+    assert (
+        cli.main(["export", str(directory), "-o", str(out), "--target", "portable", "--quiet"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("exported bert: 2 layers,")
+    torch.manual_seed(1)
+    config = transformers.BertConfig(**CONFIG, architectures=["BertForMaskedLM"])
+    config._attn_implementation = "eager"
+    model = transformers.BertForMaskedLM(config).eval()
+    masked = tmp_path / "masked_lm"
+    model.save_pretrained(masked)
+    export(masked, tmp_path / "masked_out", target="ort")
+    batch = _batch()
+    with torch.no_grad():
+        expected = model.bert(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state
+    ours = _run(tmp_path / "masked_out", batch)["last_hidden_state"]
+    assert_close(_real(ours), _real(expected.numpy()), ATOL, "BertForMaskedLM encoder")
