@@ -244,6 +244,15 @@ def test_cli_export_and_task_model(checkpoint, tmp_path, capsys):
         cli.main(["export", str(directory), "-o", str(out), "--target", "portable", "--quiet"]) == 0
     )
     assert capsys.readouterr().out.startswith("exported bert: 2 layers,")
+    # no sentence_embedding output: embed pools last_hidden_state in NumPy, same vectors
+    text = "the graphs attend"
+    assert cli.main(["embed", str(out), text, "--json"]) == 0
+    pooled_here = np.array(json.loads(capsys.readouterr().out)[0]["embedding"])
+    with_output = tmp_path / "with_output"
+    export(directory, with_output, target="portable", sentence_embedding=True)
+    assert cli.main(["embed", str(with_output), text, "--json"]) == 0
+    pooled_graph = np.array(json.loads(capsys.readouterr().out)[0]["embedding"])
+    assert_close(pooled_here, pooled_graph, 1e-6, "NumPy pooling vs sentence_embedding")
     torch.manual_seed(1)
     config = transformers.BertConfig(**CONFIG, architectures=["BertForMaskedLM"])
     config._attn_implementation = "eager"
