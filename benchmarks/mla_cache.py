@@ -16,10 +16,12 @@ v_head_dim]`` would hold: ``H · (qk_head_dim + v_head_dim)`` values. Whole mode
 
 ``--speed``: median step time (portable fp32, onnxruntime CPU) of the one-layer graph at
 decode (1 token after a past of ``--past`` positions) and prefill (``--past`` tokens, no past)
-in three lowerings: absorbed as grouped MatMuls (the default), absorbed as opset-23
-``Attention`` (``graphattn.compiler.latent.ABSORBED_TO_ATTENTION``), and expanded (K/V
-rebuilt from the whole cached latent at every call, as Attention). Rounds alternate between
-the three so that machine noise hits them alike.
+in four builds: the default (an ``If`` on the call's length: at least
+``ops.mla.expand_threshold`` tokens expanded, else absorbed), absorbed only as grouped
+MatMuls, absorbed only as opset-23 ``Attention``
+(``graphattn.compiler.latent.ABSORBED_TO_ATTENTION``), and expanded only (K/V rebuilt from
+the whole cached latent at every call, as Attention). Rounds alternate between them so that
+machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def tiny_config(name: str, form: str = "absorbed"):
 
 
 def session(
-    name: str, dtype: str, form: str = "absorbed", to_attention: bool = False
+    name: str, dtype: str, form: str = "absorbed", to_attention: bool = False, hybrid: bool = True
 ) -> ort.InferenceSession:
+    import graphattn.layers
     from graphattn.compiler import latent
 
     cfg, plan = tiny_config(name, form)
@@ -102,7 +105,13 @@ def session(
         for role, source in plan.items()
     }
     ir_dtype = ir.DataType.FLOAT16 if dtype == "fp16" else ir.DataType.FLOAT
-    model = build_decoder(cfg, tensors, dtype=ir_dtype, last_logits_only=True)
+    threshold = graphattn.layers.expand_threshold
+    if not hybrid:
+        graphattn.layers.expand_threshold = lambda *_: 0
+    try:
+        model = build_decoder(cfg, tensors, dtype=ir_dtype, last_logits_only=True)
+    finally:
+        graphattn.layers.expand_threshold = threshold
     latent.ABSORBED_TO_ATTENTION = to_attention
     try:
         compile_model(model, CompileOptions(target="portable", precision=dtype))
@@ -137,10 +146,11 @@ def cache_bytes(name: str, dtype: str, tokens: int) -> tuple[dict[str, list], in
     return presents, total // tokens
 
 
-VARIANTS = {
-    "absorbed, grouped MatMuls": ("absorbed", False),
-    "absorbed, Attention": ("absorbed", True),
-    "expanded, Attention": ("expanded", False),
+VARIANTS = {  # label: (form, absorbed MQA to Attention, If expanding long calls)
+    "default: If(S ≥ threshold) expanded, else absorbed (MatMuls)": ("absorbed", False, True),
+    "absorbed only, grouped MatMuls": ("absorbed", False, False),
+    "absorbed only, Attention": ("absorbed", True, False),
+    "expanded only, Attention": ("expanded", False, False),
 }
 
 

@@ -21,7 +21,7 @@ from graphattn import ops
 from graphattn.ops import GraphEmitter
 from graphattn.ops.attention import Softcap
 from graphattn.ops.attention_block import self_attention_block
-from graphattn.ops.mla import latent_attention_block
+from graphattn.ops.mla import expand_threshold, latent_attention_block
 from graphattn.ops.moe import moe_block
 from graphattn.spec import AttentionSpec, LayerSpec, MlpSpec, NormSpec
 
@@ -190,6 +190,10 @@ def latent_attention(
         rope="interleaved" if spec.rope.interleaved else "halves",
         form=lat.form,
         window=spec.window,
+        # absorbed: a prefill long enough that expanding needs fewer FLOPs expands
+        expand_from=0
+        if lat.form != "absorbed"
+        else expand_threshold(lat.kv_lora_rank, lat.qk_nope_head_dim, lat.v_head_dim),
         name=f"{scope}/attn",
     )
 

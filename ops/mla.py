@@ -72,6 +72,7 @@ ATTRIBUTES = (
     ("rope", _STRING),  # halves | interleaved
     ("form", _STRING),  # absorbed | expanded
     ("window", _INT),  # 0: none (already in the bias; recorded for the compiler)
+    ("expand_from", _INT),  # absorbed: a call of at least this many tokens expands (0: never)
     ("input_roles", ir.AttributeType.STRINGS),
 )
 _MAX = np.iinfo(np.int64).max
@@ -92,6 +93,7 @@ class LatentAttributes:
     rope: str = "interleaved"
     form: str = "absorbed"
     window: int = 0
+    expand_from: int = 0
     input_roles: tuple[str, ...] = ()
 
     @classmethod
@@ -112,7 +114,8 @@ def _ref(name: str, kind: ir.AttributeType, as_name: str) -> ir.Attr:
 def structure_name(attrs: LatentAttributes) -> str:
     """``LatentAttention`` plus the query kind, RoPE kind and form."""
     query = "q_lora" if attrs.q_lora_rank else "q_direct"
-    return f"{PREFIX}_{query}_rope_{attrs.rope}_{attrs.form}"
+    hybrid = "_expand_prefill" if attrs.expand_from else ""
+    return f"{PREFIX}_{query}_rope_{attrs.rope}_{attrs.form}{hybrid}"
 
 
 def _body(attrs: LatentAttributes, roles: tuple[str, ...]) -> GraphEmitter:
@@ -167,28 +170,53 @@ def _body(attrs: LatentAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     latent_B1TR = b.op("Unsqueeze", [latent, axis(1)], name="latent_head")
     rope_key_B1TP = b.op("Unsqueeze", [rope_key, axis(1)], name="rope_key_head_all")
     scale = {"scale": _ref("scale", _FLOAT, "scale")}
-    if attrs.form == "absorbed":
-        q_latent = b.op("MatMul", [q_nope, inputs["k_up_weight"]], name="q_absorb")
-        query = b.op("Concat", [q_latent, q_rope], {"axis": -1}, name="query")
-        key = b.op("Concat", [latent_B1TR, rope_key_B1TP], {"axis": -1}, name="key")
-        mixed = b.call(
-            ScaledDotProductAttention, [query, key, latent_B1TR, inputs["bias"]], scale, name="sdpa"
+    bias = inputs["bias"]
+
+    def absorbed(e: GraphEmitter, p: str = "") -> ir.Value:
+        q_latent = e.op("MatMul", [q_nope, inputs["k_up_weight"]], name=f"{p}q_absorb")
+        query = e.op("Concat", [q_latent, q_rope], {"axis": -1}, name=f"{p}query")
+        key = e.op("Concat", [latent_B1TR, rope_key_B1TP], {"axis": -1}, name=f"{p}key")
+        mixed = e.call(
+            ScaledDotProductAttention, [query, key, latent_B1TR, bias], scale, name=f"{p}sdpa"
         )
-        out = b.op("MatMul", [mixed, inputs["v_up_weight"]], name="v_absorb")
-    else:
-        k_up_T = b.op("Transpose", [inputs["k_up_weight"]], {"perm": [0, 2, 1]}, name="k_up_T")
-        k_nope = b.op("MatMul", [latent_B1TR, k_up_T], name="k_nope")  # [B, H, T, n]
-        value = b.op("MatMul", [latent_B1TR, inputs["v_up_weight"]], name="value")
-        k_shape = b.op("Shape", [k_nope], name="k_shape")
-        bht = b.op("Slice", [k_shape, zero, axis(3)], name="k_bht")
-        one = b.constant("one", np.array([1], np.int64))
-        heads_shape = b.op("Concat", [bht, one], {"axis": 0}, name="rope_key_shape")
-        rope_key_BHTP = b.op("Expand", [rope_key_B1TP, heads_shape], name="rope_key_heads")
-        key = b.op("Concat", [k_nope, rope_key_BHTP], {"axis": -1}, name="key")
-        query = b.op("Concat", [q_nope, q_rope], {"axis": -1}, name="query")
-        out = b.call(
-            ScaledDotProductAttention, [query, key, value, inputs["bias"]], scale, name="sdpa"
+        return e.op("MatMul", [mixed, inputs["v_up_weight"]], name=f"{p}v_absorb")
+
+    def expanded(e: GraphEmitter, p: str = "") -> ir.Value:
+        k_up_T = e.op("Transpose", [inputs["k_up_weight"]], {"perm": [0, 2, 1]}, name=f"{p}k_up_T")
+        k_nope = e.op("MatMul", [latent_B1TR, k_up_T], name=f"{p}k_nope")  # [B, H, T, n]
+        value = e.op("MatMul", [latent_B1TR, inputs["v_up_weight"]], name=f"{p}value")
+        k_shape = e.op("Shape", [k_nope], name=f"{p}k_shape")
+        bht = e.op("Slice", [k_shape, zero, axis(3)], name=f"{p}k_bht")
+        one = e.constant("one", np.array([1], np.int64))
+        heads_shape = e.op("Concat", [bht, one], {"axis": 0}, name=f"{p}rope_key_shape")
+        rope_key_BHTP = e.op("Expand", [rope_key_B1TP, heads_shape], name=f"{p}rope_key_heads")
+        key = e.op("Concat", [k_nope, rope_key_BHTP], {"axis": -1}, name=f"{p}key")
+        query = e.op("Concat", [q_nope, q_rope], {"axis": -1}, name=f"{p}query")
+        return e.call(ScaledDotProductAttention, [query, key, value, bias], scale, name=f"{p}sdpa")
+
+    if attrs.form == "expanded":
+        out = expanded(b)
+    elif not attrs.expand_from:
+        out = absorbed(b)
+    else:  # prefill of at least expand_from tokens: expanded (fewer FLOPs), else absorbed
+        branches = {}
+        for label, compute in (("then_branch", expanded), ("else_branch", absorbed)):
+            e = GraphEmitter(label)
+            prefix = "expanded/" if compute is expanded else "absorbed/"
+            e.output(compute(e, prefix), f"{prefix}out", ir.DataType.UNDEFINED)
+            e.graph.outputs[-1].type = None
+            for function in e.functions:
+                b.define(function)
+            branches[label] = ir.Attr(label, ir.AttributeType.GRAPH, e.graph)
+        length = b.op(
+            "Slice",
+            [b.op("Shape", [x], name="x_shape"), axis(1), b.constant("two", np.array([2]))],
+            name="query_length",
         )
+        threshold = width("expand_from", "expand_from")
+        use_expanded = b.op("GreaterOrEqual", [length, threshold], name="use_expanded")
+        scalar = b.op("Squeeze", [use_expanded, zero], name="use_expanded/scalar")
+        out = b.op("If", [scalar], branches, name="prefill_or_decode")
     merged = b.call(MergeHeads, [out], name="merge_heads")
     output = b.op("MatMul", [merged, inputs["o_weight"]], name="o_proj")
     for value_out, label in (
@@ -239,6 +267,7 @@ def latent_attention_block(
     rope: str = "interleaved",
     form: str = "absorbed",
     window: int | None = None,
+    expand_from: int = 0,
     name: str,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit one latent attention call; returns ``(output [B, S, C], present_latent [B, T,
@@ -248,7 +277,9 @@ def latent_attention_block(
     ``q_a_norm_weight [q_lora]``, ``q_b_weight [q_lora, H·(n+p)]``; ``kv_a_weight [C, r + p]``,
     ``kv_a_norm_weight [r]``, ``k_up_weight [H, n, r]``, ``v_up_weight [H, r, v]``,
     ``o_weight [H·v, C]``. ``cos_sin [B, S, p / 2]``; ``bias_B1ST`` the additive mask;
-    ``scale`` default ``1/sqrt(n + p)``."""
+    ``scale`` default ``1/sqrt(n + p)``. ``expand_from`` (absorbed form): a call of at least
+    that many tokens (a prefill) computes the expanded form instead, which needs fewer FLOPs
+    there (:func:`expand_threshold`); 0: always absorbed."""
     for parameter, value in (
         ("num_heads", num_heads),
         ("kv_lora_rank", kv_lora_rank),
@@ -272,6 +303,10 @@ def latent_attention_block(
         raise ValueError(
             f"latent attention rope must be one of {', '.join(ROPE_KINDS)}, got {rope!r}"
         )
+    if isinstance(expand_from, bool) or not isinstance(expand_from, int) or expand_from < 0:
+        raise ValueError(f"latent attention expand_from must be an int >= 0, got {expand_from!r}")
+    if expand_from and form != "absorbed":
+        raise ValueError("latent attention expand_from goes with the absorbed form")
     if cos_sin is None:
         raise ValueError("latent attention needs cos_sin: RoPE turns the qk_rope_head_dim channels")
     head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -321,6 +356,7 @@ def latent_attention_block(
         rope=rope,
         form=form,
         window=int(window or 0),
+        expand_from=expand_from,
         input_roles=roles,
     )
     function_name = structure_name(attrs)
@@ -338,6 +374,17 @@ def latent_attention_block(
         name=name,
         outputs=("output", "present_latent", "present_rope_key"),
     )
+
+
+def expand_threshold(kv_lora_rank: int, qk_nope_head_dim: int, v_head_dim: int) -> int:
+    """The query length from which the expanded form needs fewer multiply-adds than the
+    absorbed one (0: never). Per head and key, absorbed costs ``S·(2r + p)`` (scores over
+    ``[latent | rope key]``, mix over the latent); expanded ``r·(n + v)`` (rebuilding k_nope and
+    v) plus ``S·(n + p + v)``; so expanded wins once ``S·(2r − n − v) > r·(n + v)``."""
+    r, n, v = kv_lora_rank, qk_nope_head_dim, v_head_dim
+    if 2 * r <= n + v:
+        return 0
+    return r * (n + v) // (2 * r - n - v) + 1
 
 
 def is_latent_block(node: ir.Node) -> bool:

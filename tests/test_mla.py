@@ -298,13 +298,23 @@ def run_steps(runner, ids):
 CASES = [(True, True), (False, False), (True, False), (False, True)]  # (q_lora, interleaved)
 
 
-@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def hybrid_from(monkeypatch, tokens: int | None) -> None:
+    """Absorbed blocks expand calls of at least ``tokens`` tokens (None: never)."""
+    import graphattn.layers
+
+    monkeypatch.setattr(graphattn.layers, "expand_threshold", lambda *_: tokens or 0)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "hybrid", "expanded"])
 @pytest.mark.parametrize(("q_lora", "interleaved"), CASES[:2])
-def test_block_matches_numpy_reference(q_lora, interleaved, form):
+def test_block_matches_numpy_reference(q_lora, interleaved, form, monkeypatch):
     """(a) the functions graph in onnxruntime and the interpreter against the float64
     reference, every call's logits and the final caches; (c) the cache tensors are the
-    latent ``[B, T, r]`` and rope key ``[B, T, p]``."""
-    cfg = mla_config(q_lora, interleaved, form)
+    latent ``[B, T, r]`` and rope key ``[B, T, p]``. ``hybrid``: absorbed with calls of ≥ 3
+    tokens expanded (the prefill takes the If's expanded branch, the decode calls the
+    absorbed one)."""
+    hybrid_from(monkeypatch, 3 if form == "hybrid" else None)
+    cfg = mla_config(q_lora, interleaved, "expanded" if form == "expanded" else "absorbed")
     w = random_weights(cfg)
     proto = build(cfg, w)
     names = [i.name for i in proto.graph.input]
@@ -331,21 +341,28 @@ def test_block_matches_numpy_reference(q_lora, interleaved, form):
 
 
 @pytest.mark.parametrize(("q_lora", "interleaved"), CASES)
-def test_absorbed_equals_expanded(q_lora, interleaved):
+def test_absorbed_equals_expanded(q_lora, interleaved, monkeypatch):
     """(b) the absorbed decode equals the expanded form (prefill N, then K decode calls, one
-    of them two tokens long), logits and caches ≤ 1e-5, on the portable target."""
+    of them two tokens long), logits and caches ≤ 1e-5, on the portable target; so does the
+    hybrid (prefill expanded, decode absorbed)."""
     w = random_weights(mla_config(q_lora, interleaved))
     mask = np.ones((2, PREFILL), np.int64)
     chunks = [RNG_IDS[:, 5:6], RNG_IDS[:, 6:8]]
     results = {}
-    for form in ("absorbed", "expanded"):
+    for label, form, expand_from in (
+        ("absorbed", "absorbed", None),
+        ("hybrid", "absorbed", 3),
+        ("expanded", "expanded", None),
+    ):
+        hybrid_from(monkeypatch, expand_from)
         runner = Runner(build(mla_config(q_lora, interleaved, form), w, "portable"))
-        results[form] = runner.steps(RNG_IDS[:, :PREFILL], mask, chunks)
-    (absorbed, absorbed_presents), (expanded, expanded_presents) = results.values()
-    for k, (a, e) in enumerate(zip(absorbed, expanded)):
-        assert_close(a, e.astype(np.float64), 1e-5, f"call {k} logits")
-    for name, value in absorbed_presents[-1].items():
-        assert_close(value, expanded_presents[-1][name].astype(np.float64), 1e-5, name)
+        results[label] = runner.steps(RNG_IDS[:, :PREFILL], mask, chunks)
+    expanded, expanded_presents = results.pop("expanded")
+    for label, (calls, presents) in results.items():
+        for k, (a, e) in enumerate(zip(calls, expanded)):
+            assert_close(a, e.astype(np.float64), 1e-5, f"{label} call {k} logits")
+        for name, value in presents[-1].items():
+            assert_close(value, expanded_presents[-1][name].astype(np.float64), 1e-5, name)
 
 
 def test_every_target_and_precision():
@@ -403,13 +420,24 @@ def test_decode_equals_one_pass_and_padding(target):
 
 
 def test_lowering_is_recorded(monkeypatch):
-    """GroupQueryAttention declines latent blocks ("latent attention"). The absorbed MQA
-    stays grouped MatMuls (reason recorded under Attention), the expanded form becomes one
-    opset-23 Attention per layer; ``latent.ABSORBED_TO_ATTENTION`` sends the absorbed MQA to
-    Attention too, computing the same logits. All said in ``inspect --explain``."""
+    """GroupQueryAttention declines latent blocks ("latent attention"). By default an If
+    picks absorbed or expanded by the call's length (both MatMuls); without it the absorbed
+    MQA stays grouped MatMuls (reason recorded under Attention), the expanded form becomes
+    one opset-23 Attention per layer; ``latent.ABSORBED_TO_ATTENTION`` sends the absorbed MQA
+    to Attention too, computing the same logits. All said in ``inspect --explain``."""
     from graphattn.compiler import latent
 
     cfg = mla_config(True, True)
+    proto = build(cfg, random_weights(cfg), "ort")
+    decisions = json.loads({p.key: p.value for p in proto.metadata_props}[LOWERING_KEY])
+    threshold = RANK * (NOPE + V) // (2 * RANK - NOPE - V) + 1
+    assert decisions[0]["reasons"]["Attention"].startswith(
+        f"an If picks absorbed (calls under {threshold} tokens)"
+    )
+    assert [n.op_type for n in proto.graph.node].count("If") == 2
+    assert all(n.domain != "graphattn" for n in proto.graph.node)
+
+    hybrid_from(monkeypatch, None)
     w = random_weights(cfg)
 
     def lowered(config):

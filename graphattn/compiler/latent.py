@@ -36,13 +36,17 @@ GROUPED = "graphattn.grouped_scores"  # node metadata: keep this score core as M
 def detail(block: Block) -> str:
     """What the block's score core computes, for ``inspect --explain``."""
     a = block.attrs
+    expanded = f"MHA of {a.num_heads} heads, K/V rebuilt from the cached latent"
     if a.form == "absorbed":
-        core = "Attention" if ABSORBED_TO_ATTENTION else "grouped MatMuls"
-        return (
+        core = "Attention" if ABSORBED_TO_ATTENTION and not a.expand_from else "grouped MatMuls"
+        text = (
             f"absorbed: MQA of {a.num_heads} query heads over one [latent {a.kv_lora_rank} |"
             f" rope key {a.qk_rope_head_dim}] key head, value = latent, as {core}"
         )
-    return f"expanded: MHA of {a.num_heads} heads, K/V rebuilt from the cached latent"
+        if a.expand_from:
+            text += f"; calls of >= {a.expand_from} tokens: expanded ({expanded}, as MatMuls)"
+        return text
+    return f"expanded: {expanded}"
 
 
 def _note(block: Block, ctx: Context) -> None:
@@ -51,6 +55,11 @@ def _note(block: Block, ctx: Context) -> None:
 
 def _why_not(block: Block, ctx: Context) -> str | None:
     _note(block, ctx)
+    if block.attrs.expand_from:
+        return (
+            f"an If picks absorbed (calls under {block.attrs.expand_from} tokens) or expanded;"
+            " both branches stay MatMuls"
+        )
     if block.attrs.form == "absorbed" and not ABSORBED_TO_ATTENTION:
         ctx.shared.setdefault("latent_grouped", set()).add(block.scope)
         return (
