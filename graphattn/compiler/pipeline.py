@@ -53,7 +53,9 @@ class CompileOptions:
     the lowering uses only kernel inputs that version accepts. ``dequantize_at_load``
     (int4/int8 on portable or ort): store the weights as blocks rebuilt by Cast/Mul/Add nodes
     that onnxruntime constant-folds at load, so compute is float32 (no MatMulNBits,
-    DequantizeLinear or GatherBlockQuantized; see ``load_time_dequant``)."""
+    DequantizeLinear or GatherBlockQuantized; see ``load_time_dequant``). ``moe_kernel``
+    (ort): mixture-of-experts blocks as com.microsoft MoE/QMoE where they fit (see
+    ``compiler.moe``); False keeps their portable form."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -65,6 +67,7 @@ class CompileOptions:
     quantize_embeddings: bool = True
     ort_version: str = DEFAULT_ORT_VERSION
     dequantize_at_load: bool = False
+    moe_kernel: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ort_version", check_ort_version(self.ort_version))
@@ -135,7 +138,7 @@ def compile_model(
     if options.target in ("portable", "ort"):
         lower_moe_blocks(
             model,
-            target=options.target,
+            target=options.target if options.moe_kernel else "portable",
             bits=options.bits,
             block_size=options.block_size,
             symmetric=options.symmetric,
