@@ -365,9 +365,11 @@ def test_absorbed_equals_expanded(q_lora, interleaved, monkeypatch):
             assert_close(value, expanded_presents[-1][name].astype(np.float64), 1e-5, name)
 
 
-def test_every_target_and_precision():
+def test_every_target_and_precision(monkeypatch):
     """(d) functions/portable/ort at fp32 match the reference; fp16, int8 and int4 run and
-    give finite logits and latent caches of the right shapes."""
+    give finite logits and latent caches of the right shapes. The If expands calls of ≥ 3
+    tokens, so the prefill runs the expanded branch and decode the absorbed one."""
+    hybrid_from(monkeypatch, 3)
     cfg = mla_config(True, True)
     w = random_weights(cfg)
     expected, _ = reference_calls(cfg, w, RNG_IDS)
