@@ -130,6 +130,8 @@ class MarginRecorder:
         """The smallest margin over real tokens; ``masks``: each call's attention mask of its
         new tokens [B, S] (one call per ``moe_layers`` gate calls)."""
         assert len(self.calls) == len(masks) * moe_layers, "gate calls do not match the run"
+        if not moe_layers:
+            return np.inf
         real = [m.reshape(-1).astype(bool) for m in masks for _ in range(moe_layers)]
         return min(float(c[r].min()) for c, r in zip(self.calls, real))
 
@@ -138,8 +140,8 @@ def _moe_layers(config: dict) -> int:
     return config["num_hidden_layers"] - (config.get("first_k_dense_replace") or 0)
 
 
-def _call_masks(steps: int) -> list[np.ndarray]:
-    _, mask = families.left_padded(families.PROMPTS)
+def _call_masks(steps: int, prompts=families.PROMPTS) -> list[np.ndarray]:
+    _, mask = families.left_padded(prompts)
     return [mask] + [np.ones((mask.shape[0], 1), dtype=mask.dtype)] * steps
 
 
@@ -157,22 +159,22 @@ def seeded_model(config: dict, seed: int):
     return model, MarginRecorder(model, config)
 
 
-def decided_seed(config: dict, steps: int = 4, tries: int = 20) -> int:
+def decided_seed(config: dict, steps: int = 4, tries: int = 20, prompts=families.PROMPTS) -> int:
     """The first seed whose HF run (prefill + ``steps`` greedy steps) routes every real token
     with margins above MARGIN."""
-    ids, mask = families.left_padded(families.PROMPTS)
+    ids, mask = families.left_padded(prompts)
     for seed in range(tries):
         model, recorder = seeded_model(config, seed)
         families.hf_steps(model, ids, mask, steps)
-        if recorder.smallest(_call_masks(steps), _moe_layers(config)) > MARGIN:
+        if recorder.smallest(_call_masks(steps, prompts), _moe_layers(config)) > MARGIN:
             return seed
     raise AssertionError(f"no seed below {tries} routes {config['model_type']} decisively")
 
 
-def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
+def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS, prompts=families.PROMPTS):
     """check_family on the decided seed's model; the margins recorded during its HF run are
     asserted too. Returns the exports."""
-    seed = decided_seed(config)
+    seed = decided_seed(config, prompts=prompts)
     recorders = []
 
     def hf_model(cfg, **_):
@@ -181,11 +183,11 @@ def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
         return model
 
     monkeypatch.setattr(families, "hf_model", hf_model)
-    exports = families.check_family(tmp_path, config, targets=targets)
+    exports = families.check_family(tmp_path, config, targets=targets, prompts=prompts)
     (recorder,) = recorders
-    smallest = recorder.smallest(_call_masks(4), _moe_layers(config))
+    smallest = recorder.smallest(_call_masks(4, prompts), _moe_layers(config))
     assert smallest > MARGIN, f"router margin {smallest:.3g} along the checked run"
-    check_latent_cache(tmp_path, config, exports)
+    check_latent_cache(tmp_path, config, exports, prompts)
     if "ort" in exports:  # GroupQueryAttention cannot take a latent block, and says why
         decisions = families.lowering(exports["ort"])
         assert len(decisions) == config["num_hidden_layers"]
@@ -194,18 +196,18 @@ def check(tmp_path, monkeypatch, config: dict, targets=families.TARGETS):
             assert decision["reasons"]["GroupQueryAttention"] == "latent attention"
         model = onnx.load(str(exports["ort"] / "model.onnx"), load_external_data=False)
         metadata = {p.key: p.value for p in model.metadata_props}
-        moe_layers = [d["layer"] for d in json.loads(metadata["graphattn.moe_lowering"])]
+        moe_layers = [d["layer"] for d in json.loads(metadata.get("graphattn.moe_lowering", "[]"))]
         dense = config.get("first_k_dense_replace") or 0
         assert moe_layers == [f"layers.{i}" for i in range(dense, config["num_hidden_layers"])]
     return exports
 
 
-def check_latent_cache(tmp_path, config: dict, exports: dict) -> None:
+def check_latent_cache(tmp_path, config: dict, exports: dict, prompts=families.PROMPTS) -> None:
     """The exported presents are the latent [B, T, kv_lora_rank] and rope key [B, T,
     qk_rope_head_dim] per layer (no K/V), equal to the NumPy forward's latent and rope key."""
     hf_dir = tmp_path / "hf"
     saved = json.loads((hf_dir / "config.json").read_text())
-    ids, mask = families.left_padded(families.PROMPTS)
+    ids, mask = families.left_padded(prompts)
     positions = positions_for(mask, ids.shape[1])
     _, expected = numpy_forward.forward(families.hf_weights(hf_dir), saved, ids, mask, positions)
     real = mask[:, :, None].astype(bool)
@@ -250,6 +252,20 @@ def test_deepseek_v2_low_rank_query_every_layer_sparse(tmp_path, monkeypatch):
 
 def test_deepseek_v2_lite_without_low_rank_query(tmp_path, monkeypatch):
     check(tmp_path, monkeypatch, V2_LITE)
+
+
+def test_long_prefill_takes_the_expanded_branch(tmp_path, monkeypatch):
+    """A prefill of at least ops.mla.expand_threshold tokens (33 at these dims) runs the
+    block's expanded branch, decode the absorbed one: both against HF (dense layers only, so
+    no routing margins limit the prompt length)."""
+    from graphattn.ops.mla import expand_threshold
+
+    config = {**V3, "num_hidden_layers": 2, "first_k_dense_replace": 2}
+    rng = np.random.default_rng(0)
+    lengths = (40, 35, 12)
+    assert max(lengths) >= expand_threshold(32, 16, 16) > 12
+    prompts = [rng.integers(3, 96, size=n).tolist() for n in lengths]
+    check(tmp_path, monkeypatch, config, prompts=prompts)
 
 
 def test_expanded_form_matches_transformers_too(tmp_path, monkeypatch):
