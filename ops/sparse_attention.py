@@ -2,8 +2,10 @@
 
 Layouts: query ``[B, H, S, D]``; key/value ``[B, Hkv, T, D]`` (the past already appended, so
 T = P + S); ``attention_mask [B, T]`` int64 (1 = token, 0 = pad). Query ``i`` sits at slot
-``T - S + i``. Query head ``h`` reads KV head ``h // G`` (``G = H / Hkv``); every query head
-makes its own selection.
+``T - S + i``. Query head ``h`` reads KV head ``h // G`` (``G = H / Hkv``). Selections are
+made per query head (attribute ``shared = 0``) or once per KV head for its G query heads,
+ranked by the sum of their scores (``shared = 1``, the emitters' ``selection="group"``: each
+chosen key is then gathered once per KV head, as NSA's GQA kernels share their selection).
 
 **Blocks** (NSA's coarse blocks of ``L = block_size`` tokens, routed attention's segments of
 ``L = segment_size``) are counted from each row's first real token: a key at slot ``t`` has
@@ -49,8 +51,15 @@ weights (pads drop out there); the query's own block is re-summed by a CumSum ov
 blocks that hold queries (one block when decoding). The fine path scores every cached key
 (O(T · D) per query head) and TopKs over T. So a step is never cheaper than one pass over the
 cache; what the sparse forms save is the softmax and the value mix (``c · L``, ``f``, ``k · L``
-or ``W`` keys instead of T), paid for by gathering the selected keys/values once per *query*
-head (G times what a dense GQA step reads per selected key).
+or ``W`` keys instead of T), paid for by gathering the selected keys/values once per query
+head (G times what a dense GQA step reads per key) or, shared, once per KV head.
+
+**Prefill** (S > 1) takes a second, equal form of the coarse/routed attention: the chosen
+blocks become a keep-mask over the whole cache (ScatterElements into a per-query block table,
+GatherElements by each key's block), so its memory is O(S · T) scores as in dense attention
+rather than O(S · c · L · D) copied keys; routed prefill rotates every key once. Both forms sit
+in the graph and split the queries between them (all to one, none to the other: a
+zero-length tensor costs nothing), since onnxruntime cannot type an ``If`` inside a function.
 """
 
 import math
@@ -81,7 +90,7 @@ def SparseRowStart(attention_mask_BT):
 def BlockRealKeys(attention_mask_BT, block_size: int):
     """real [B, N·L] bool: whether relative position r (slot start + r) holds a real key;
     N = ceil(T / L) blocks, L = block_size."""
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
     blocks = op.Div(op.Sub(op.Add(total, block), [1]), block)
     rel_R = op.Range(
@@ -120,7 +129,7 @@ def RelativeKeys(key_BKTD, attention_mask_BT, rel_BU):
     flat_BKU = op.Add(
         op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), total), op.Unsqueeze(slot_BU, [1])
     )
-    rows = op.Reshape(key_BKTD, op.Concat([-1], op.Slice(shape, [3], [4]), axis=0))
+    rows = op.Reshape(key_BKTD, op.Concat([-1], op.Slice(shape, [3], [4]), axis=0), allowzero=1)
     return op.Gather(rows, flat_BKU, axis=0)
 
 
@@ -145,7 +154,7 @@ def BlockSums(key_BKTD, attention_mask_BT, block_size: int):
     heads = op.Slice(shape, [1], [2])
     total = op.Slice(shape, [2], [3])
     dim = op.Slice(shape, [3], [4])
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     blocks = op.Div(op.Sub(op.Add(total, block), [1]), block)
     rel_1R = op.Unsqueeze(
         op.Range(
@@ -157,9 +166,10 @@ def BlockSums(key_BKTD, attention_mask_BT, block_size: int):
     keys = op.Reshape(
         RelativeKeys(key_BKTD, attention_mask_BT, rel_BR),
         op.Concat(batch, heads, blocks, block, dim, axis=0),
+        allowzero=1,
     )
     real = op.CastLike(RelativeReal(attention_mask_BT, rel_BR), key_BKTD)
-    weights_B1N1L = op.Reshape(real, op.Concat(batch, [1], blocks, [1], block, axis=0))
+    weights_B1N1L = op.Reshape(real, op.Concat(batch, [1], blocks, [1], block, axis=0), allowzero=1)
     return op.Squeeze(op.MatMul(weights_B1N1L, keys), [3])
 
 
@@ -172,7 +182,7 @@ def OwnBlockSums(key_BKTD, attention_mask_BT, query_BHSD, block_size: int):
     batch = op.Slice(shape, [0], [1])
     heads = op.Slice(shape, [1], [2])
     dim = op.Slice(shape, [3], [4])
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     length = op.Slice(op.Shape(query_BHSD), [2], [3])
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
@@ -184,10 +194,14 @@ def OwnBlockSums(key_BKTD, attention_mask_BT, query_BHSD, block_size: int):
     keys_BKUD = RelativeKeys(key_BKTD, attention_mask_BT, rel_BU)
     real_B1U1 = op.Unsqueeze(op.CastLike(RelativeReal(attention_mask_BT, rel_BU), key_BKTD), [1, 3])
     blocked = op.Reshape(
-        op.Mul(keys_BKUD, real_B1U1), op.Concat(batch, heads, blocks, block, dim, axis=0)
+        op.Mul(keys_BKUD, real_B1U1),
+        op.Concat(batch, heads, blocks, block, dim, axis=0),
+        allowzero=1,
     )
     prefix = op.Reshape(
-        op.CumSum(blocked, op.Constant(value_int=3)), op.Concat(batch, heads, span, dim, axis=0)
+        op.CumSum(blocked, op.Constant(value_int=3)),
+        op.Concat(batch, heads, span, dim, axis=0),
+        allowzero=1,
     )
     offset_BS = op.Sub(at_BS, first_B1)
     row_B11 = op.Unsqueeze(op.Range(zero, op.Squeeze(batch), one), [1, 2])
@@ -195,7 +209,9 @@ def OwnBlockSums(key_BKTD, attention_mask_BT, query_BHSD, block_size: int):
     flat_BKS = op.Add(
         op.Mul(op.Add(op.Mul(row_B11, heads), head_1K1), span), op.Unsqueeze(offset_BS, [1])
     )
-    return op.Gather(op.Reshape(prefix, op.Concat([-1], dim, axis=0)), flat_BKS, axis=0)
+    return op.Gather(
+        op.Reshape(prefix, op.Concat([-1], dim, axis=0), allowzero=1), flat_BKS, axis=0
+    )
 
 
 @graphattn_function
@@ -203,12 +219,12 @@ def BlockPrefixCounts(attention_mask_BT, block_size: int):
     """counts [B, N·L] float32: the real keys at relative positions ``(r // L)·L .. r``."""
     real_BR = BlockRealKeys(attention_mask_BT, block_size=block_size)
     shape = op.Shape(real_BR)
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     blocked = op.Concat(op.Slice(shape, [0], [1]), [-1], block, axis=0)
     counts = op.CumSum(
-        op.Reshape(op.Cast(real_BR, to=FLOAT.dtype), blocked), op.Constant(value_int=2)
+        op.Reshape(op.Cast(real_BR, to=FLOAT.dtype), blocked, allowzero=1), op.Constant(value_int=2)
     )
-    return op.Reshape(counts, shape)
+    return op.Reshape(counts, shape, allowzero=1)
 
 
 @graphattn_function
@@ -226,11 +242,11 @@ def CausalBlockScores(
     batch = op.Slice(key_shape, [0], [1])
     heads = op.Slice(key_shape, [1], [2])
     padded = op.Slice(op.Shape(counts_BR), [1], [2])
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     blocks = op.Div(padded, block)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    counts_BNL = op.Reshape(counts_BR, op.Concat(batch, blocks, block, axis=0))
+    counts_BNL = op.Reshape(counts_BR, op.Concat(batch, blocks, block, axis=0), allowzero=1)
     full_count_BN = op.Squeeze(op.Slice(counts_BNL, [-1], [9223372036854775807], [2]), [2])
     rel_BS = QueryRelative(query_BHSD, attention_mask_BT)
     at_BS = op.Max(rel_BS, zero)
@@ -244,7 +260,7 @@ def CausalBlockScores(
     # dot products, query heads grouped per KV head
     query_shape = op.Shape(query_BHSD)
     grouped = op.Concat(batch, heads, [-1], op.Slice(query_shape, [2], [4]), axis=0)
-    query_BKGSD = op.Reshape(query_BHSD, grouped)
+    query_BKGSD = op.Reshape(query_BHSD, grouped, allowzero=1)
     full_dot = op.MatMul(query_BKGSD, op.Unsqueeze(op.Transpose(full_BKND, perm=[0, 1, 3, 2]), [2]))
     own_dot = op.ReduceSum(op.Mul(query_BKGSD, op.Unsqueeze(own_BKSD, [2])), [-1], keepdims=1)
     # normalisers: cosine divides by the norms, the dot product by 1 / scale
@@ -278,7 +294,7 @@ def CausalBlockScores(
 def GroupScores(scores_BKGSX, shared: int):
     """``shared = 0``: the scores as they are; ``1``: summed over the G query heads of each
     KV head, ``[B, Hkv, 1, S, X]`` (one selection per KV head, as NSA's GQA kernels share)."""
-    axes = op.Slice([2], [0], op.Reshape(op.Cast(shared, to=INT64.dtype), [1]))
+    axes = op.Slice([2], [0], op.Reshape(op.Cast(shared, to=INT64.dtype), [1], allowzero=1))
     return op.ReduceSum(scores_BKGSX, axes, keepdims=1, noop_with_empty_axes=1)
 
 
@@ -288,7 +304,7 @@ def ChooseTop(scores_BKGSN, top: int, shared: int):
     along the last axis (of the group's summed scores when ``shared``), best first, -1 where
     the choice was not a candidate."""
     scores_BKGSN = GroupScores(scores_BKGSN, shared=shared)
-    top_1 = op.Reshape(op.Cast(top, to=INT64.dtype), [1])
+    top_1 = op.Reshape(op.Cast(top, to=INT64.dtype), [1], allowzero=1)
     count = op.Min(top_1, op.Slice(op.Shape(scores_BKGSN), [-1], [9223372036854775807]))
     values, indices = op.TopK(scores_BKGSN, count, axis=-1, largest=1, sorted=1)
     chosen = op.Greater(values, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), values))
@@ -301,18 +317,20 @@ def SelectedBlockSlots(chosen_BKGSC, attention_mask_BT, block_size: int):
     key the query does not see (after the query, a pad, past T) or of a dropped choice."""
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1])
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
     offsets_L = op.Range(zero, op.Squeeze(block), one)
     start_B1111 = op.Unsqueeze(SparseRowStart(attention_mask_BT), [2, 3, 4, 5])
     slots_BKGSCL = op.Add(
         op.Add(op.Unsqueeze(op.Mul(chosen_BKGSC, block), [5]), offsets_L), start_B1111
     )
-    chosen_shape = op.Shape(chosen_BKGSC)
-    flat_shape = op.Concat(op.Slice(chosen_shape, [0], [4]), [-1], axis=0)
-    slots = op.Reshape(slots_BKGSCL, flat_shape)
+    chosen_shape = op.Shape(chosen_BKGSC)  # no -1 in the reshapes: S may be 0 (see NsaCoarse)
+    width = op.Mul(op.Slice(chosen_shape, [4], [5]), block)
+    flat_shape = op.Concat(op.Slice(chosen_shape, [0], [4]), width, axis=0)
+    slots = op.Reshape(slots_BKGSCL, flat_shape, allowzero=1)
     dropped = op.Reshape(
         op.Expand(op.Unsqueeze(op.Less(chosen_BKGSC, zero), [5]), op.Shape(slots_BKGSCL)),
         flat_shape,
+        allowzero=1,
     )
     total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
     length = op.Slice(chosen_shape, [3], [4])
@@ -322,10 +340,14 @@ def SelectedBlockSlots(chosen_BKGSC, attention_mask_BT, block_size: int):
     in_order = op.LessOrEqual(slots, query_slot_S1)
     clamped = op.Max(op.Min(slots, op.Sub(total, [1])), zero)
     batch = op.Slice(chosen_shape, [0], [1])
-    token = op.GatherElements(
-        attention_mask_BT, op.Reshape(clamped, op.Concat(batch, [-1], axis=0)), axis=1
+    rest = op.Mul(
+        op.Mul(op.Slice(flat_shape, [1], [2]), op.Slice(flat_shape, [2], [3])),
+        op.Mul(op.Slice(flat_shape, [3], [4]), width),
     )
-    token = op.Reshape(op.Cast(token, to=BOOL.dtype), flat_shape)
+    token = op.GatherElements(
+        attention_mask_BT, op.Reshape(clamped, op.Concat(batch, rest, axis=0), allowzero=1), axis=1
+    )
+    token = op.Reshape(op.Cast(token, to=BOOL.dtype), flat_shape, allowzero=1)
     visible = op.And(op.And(in_order, op.Less(slots, total)), op.And(token, op.Not(dropped)))
     return op.Where(visible, slots, op.Constant(value_int=-1))
 
@@ -344,7 +366,9 @@ def GatherSlots(data_BKTX, slots_BKGSM):
     head_K = op.Mod(op.Range(zero, op.Squeeze(op.Slice(slots_shape, [1], [2])), one), data_heads)
     base = op.Add(op.Mul(op.Unsqueeze(row_B, [1]), data_heads), op.Unsqueeze(head_K, [0]))
     flat = op.Add(op.Mul(op.Unsqueeze(base, [2, 3, 4]), total), op.Max(slots_BKGSM, zero))
-    rows = op.Reshape(data_BKTX, op.Concat([-1], op.Slice(data_shape, [3], [4]), axis=0))
+    rows = op.Reshape(
+        data_BKTX, op.Concat([-1], op.Slice(data_shape, [3], [4]), axis=0), allowzero=1
+    )
     return op.Gather(rows, flat, axis=0)
 
 
@@ -359,14 +383,15 @@ def SelectedSoftmaxMix(scores_BKGSM, slots_BKGSM, values_BKGSMD):
     probs_BKGS1M = op.Unsqueeze(op.Softmax(masked, axis=-1), [4])
     mixed_BKGS1D = op.MatMul(probs_BKGS1M, values_BKGSMD)
     shape = op.Shape(mixed_BKGS1D)
+    heads = op.Mul(op.Slice(shape, [1], [2]), op.Slice(shape, [2], [3]))
     output_shape = op.Concat(
         op.Slice(shape, [0], [1]),
-        [-1],
+        heads,
         op.Slice(shape, [3], [4]),
         op.Slice(shape, [5], [6]),
         axis=0,
     )
-    return op.Reshape(mixed_BKGS1D, output_shape)
+    return op.Reshape(mixed_BKGS1D, output_shape, allowzero=1)
 
 
 @graphattn_function
@@ -374,15 +399,18 @@ def SelectedAttention(query_BHSD, keys_BKGSMD, values_BKGSMD, slots_BKGSM, scale
     """output [B, H, S, D] = softmax(scale · q · k over the selected keys) · v."""
     keys_shape = op.Shape(keys_BKGSMD)
     query_shape = op.Shape(query_BHSD)
+    group = op.Div(op.Slice(query_shape, [1], [2]), op.Slice(keys_shape, [1], [2]))
     grouped = op.Concat(
         op.Slice(keys_shape, [0], [2]),
-        [-1],
+        group,
         op.Slice(query_shape, [2], [3]),
         [1],
         op.Slice(keys_shape, [5], [6]),
         axis=0,
     )
-    query_BKGS1D = op.Reshape(op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped)
+    query_BKGS1D = op.Reshape(
+        op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped, allowzero=1
+    )
     scores = op.MatMul(query_BKGS1D, op.Transpose(keys_BKGSMD, perm=[0, 1, 2, 3, 5, 4]))
     return SelectedSoftmaxMix(op.Squeeze(scores, [4]), slots_BKGSM, values_BKGSMD)
 
@@ -392,12 +420,73 @@ def KeyScores(query_BHSD, key_BKTD, scale: float):
     """scores [B, Hkv, G, S, T] = scale · Q Kᵀ, query heads grouped per KV head; the key is
     unsqueezed before its transpose so that onnxruntime fuses Transpose + MatMul."""
     query_shape = op.Shape(query_BHSD)
+    key_shape = op.Shape(key_BKTD)
+    group = op.Div(op.Slice(query_shape, [1], [2]), op.Slice(key_shape, [1], [2]))
     grouped_shape = op.Concat(
-        op.Slice(op.Shape(key_BKTD), [0], [2]), [-1], op.Slice(query_shape, [2], [4]), axis=0
+        op.Slice(key_shape, [0], [2]), group, op.Slice(query_shape, [2], [4]), axis=0
     )
-    query_BKGSD = op.Reshape(op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped_shape)
+    query_BKGSD = op.Reshape(
+        op.Mul(query_BHSD, op.CastLike(scale, query_BHSD)), grouped_shape, allowzero=1
+    )
     key_BK1DT = op.Transpose(op.Unsqueeze(key_BKTD, [2]), perm=[0, 1, 2, 4, 3])
     return op.MatMul(query_BKGSD, key_BK1DT)
+
+
+@graphattn_function
+def DecodeQueries(query_BHSD):
+    """split [1] int64: 1 when the call has one query (decode), else 0 — the number of
+    queries that take the copy-the-chosen-keys form; the rest take the masked form."""
+    length = op.Slice(op.Shape(query_BHSD), [2], [3])
+    one = op.Constant(value_ints=[1])
+    return op.Where(op.Equal(length, one), one, op.Constant(value_ints=[0]))
+
+
+@graphattn_function
+def ChosenBlockKeep(attention_mask_BT, chosen_BKGSC, block_size: int):
+    """keep [B, Hkv, G or 1, S, T] bool: key t lies in one of the query's chosen blocks
+    (``chosen``, -1 = none) and the query sees it — the selection as a mask over the whole
+    cache, for prefill (no per-query copy of the chosen keys)."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    block = op.Reshape(op.Cast(block_size, to=INT64.dtype), [1], allowzero=1)
+    total = op.Slice(op.Shape(attention_mask_BT), [1], [2])
+    blocks = op.Div(op.Sub(op.Add(total, block), [1]), block)  # column N: "no block"
+    index = op.Where(op.GreaterOrEqual(chosen_BKGSC, zero), chosen_BKGSC, op.Squeeze(blocks))
+    lead = op.Slice(op.Shape(chosen_BKGSC), [0], [4])
+    marks = op.Expand(op.Constant(value_float=0.0), op.Concat(lead, op.Add(blocks, [1]), axis=0))
+    ones = op.Expand(op.Constant(value_float=1.0), op.Shape(index))
+    marks = op.ScatterElements(marks, index, ones, axis=4, reduction="max")
+    rel_BT = op.Sub(
+        op.Unsqueeze(op.Range(zero, op.Squeeze(total), one), [0]), SparseRowStart(attention_mask_BT)
+    )
+    block_BT = op.Where(
+        op.GreaterOrEqual(rel_BT, zero), op.Div(op.Max(rel_BT, zero), block), blocks
+    )
+    block_index = op.Expand(op.Unsqueeze(block_BT, [1, 2, 3]), op.Concat(lead, total, axis=0))
+    chosen_keep = op.Greater(
+        op.GatherElements(marks, block_index, axis=4), op.Constant(value_float=0.5)
+    )
+    length = op.Slice(lead, [3], [4])
+    query_slot_S1 = op.Unsqueeze(
+        op.Range(op.Squeeze(op.Sub(total, length)), op.Squeeze(total), one), [1]
+    )
+    in_order_ST = op.LessOrEqual(op.Range(zero, op.Squeeze(total), one), query_slot_S1)
+    token_B11T = op.Unsqueeze(op.Cast(attention_mask_BT, to=BOOL.dtype), [1, 2])
+    visible_B11ST = op.Unsqueeze(op.And(op.Unsqueeze(in_order_ST, [0, 1]), token_B11T), [2])
+    return op.And(chosen_keep, visible_B11ST)
+
+
+@graphattn_function
+def KeepSoftmaxMix(scores_BKGST, keep_BKGST, value_BKTD):
+    """output [B, H, S, D] = softmax(scores where keep, over T) V (keep may have G = 1)."""
+    masked = op.Where(
+        keep_BKGST, scores_BKGST, op.CastLike(op.Constant(value_float=MASKED_BIAS), scores_BKGST)
+    )
+    mixed_BKGSD = op.MatMul(op.Softmax(masked, axis=-1), op.Unsqueeze(value_BKTD, [2]))
+    shape = op.Shape(mixed_BKGSD)
+    heads = op.Mul(op.Slice(shape, [1], [2]), op.Slice(shape, [2], [3]))
+    output_shape = op.Concat(op.Slice(shape, [0], [1]), heads, op.Slice(shape, [3], [5]), axis=0)
+    return op.Reshape(mixed_BKGSD, output_shape, allowzero=1)
 
 
 @graphattn_function
@@ -416,10 +505,25 @@ def NsaCoarse(
         query_BHSD, key_BKTD, attention_mask_BT, block_size=block_size, scale=scale, cosine=0
     )
     chosen = ChooseTop(scores, top=top_blocks, shared=shared)
-    slots = SelectedBlockSlots(chosen, attention_mask_BT, block_size=block_size)
-    keys = GatherSlots(key_BKTD, slots)
-    values = GatherSlots(value_BKTD, slots)
-    return SelectedAttention(query_BHSD, keys, values, slots, scale=scale)
+    # One query (decode) copies its chosen keys; several (prefill) mask the whole cache
+    # instead. No If (onnxruntime cannot type an If inside a function): each form runs on its
+    # share of the queries, all of them or none (a zero-length S costs nothing).
+    split = DecodeQueries(query_BHSD)
+    last = [9223372036854775807]
+    decode_chosen = op.Slice(chosen, [0], split, [3])
+    slots = SelectedBlockSlots(decode_chosen, attention_mask_BT, block_size=block_size)
+    decode = SelectedAttention(
+        op.Slice(query_BHSD, [0], split, [2]),
+        GatherSlots(key_BKTD, slots),
+        GatherSlots(value_BKTD, slots),
+        slots,
+        scale=scale,
+    )
+    prefill_chosen = op.Slice(chosen, split, last, [3])
+    keep = ChosenBlockKeep(attention_mask_BT, prefill_chosen, block_size=block_size)
+    scores = KeyScores(op.Slice(query_BHSD, split, last, [2]), key_BKTD, scale=scale)
+    prefill = KeepSoftmaxMix(scores, keep, value_BKTD)
+    return op.Concat(decode, prefill, axis=2)
 
 
 @graphattn_function
@@ -441,8 +545,8 @@ def NsaFine(
         scores_BKGST,
         op.CastLike(op.Constant(value_float=NOT_CANDIDATE), scores_BKGST),
     )
-    top_1 = op.Reshape(op.Cast(top_tokens, to=INT64.dtype), [1])
-    count = op.Min(top_1, op.Reshape(total, [1]))
+    top_1 = op.Reshape(op.Cast(top_tokens, to=INT64.dtype), [1], allowzero=1)
+    count = op.Min(top_1, op.Reshape(total, [1], allowzero=1))
     ranked, indices = op.TopK(GroupScores(masked, shared=shared), count, axis=-1)
     chosen = op.Greater(ranked, op.CastLike(op.Constant(value_float=NOT_CHOSEN_BELOW), ranked))
     slots = op.Where(chosen, indices, op.Constant(value_int=-1))
@@ -463,7 +567,7 @@ def NsaWindow(query_BHSD, key_BKTD, value_BKTD, attention_mask_BT, window: int, 
     length = op.Squeeze(op.Slice(op.Shape(query_BHSD), [2], [3]))
     width = op.Cast(window, to=INT64.dtype)
     first = op.Max(op.Add(op.Sub(op.Sub(total, length), width), one), zero)
-    first_1 = op.Reshape(first, [1])
+    first_1 = op.Reshape(first, [1], allowzero=1)
     key_BKWD = op.Slice(key_BKTD, first_1, [9223372036854775807], [2])
     value_BKWD = op.Slice(value_BKTD, first_1, [9223372036854775807], [2])
     slots_W = op.Range(first, total, one)
@@ -555,20 +659,19 @@ def SparseRotaryInterleaved(x, cos, sin):
     rotated_odd = op.Unsqueeze(op.Add(op.Mul(odd, cos_x), op.Mul(even, sin_x)), [-1])
     pairs = op.Concat(rotated_even, rotated_odd, axis=-1)
     pairs_shape = op.Concat(op.Slice(op.Shape(pairs), [0], [-2]), rotary, axis=0)
-    return op.Concat(op.Reshape(pairs, pairs_shape), passed, axis=-1)
+    return op.Concat(op.Reshape(pairs, pairs_shape, allowzero=1), passed, axis=-1)
 
 
 @graphattn_function
 def RoutedSelection(
     query_BHSD, key_BKTD, attention_mask_BT, segment_size: int, top_k: int, shared: int
 ):
-    """slots [B, Hkv, G, S, k·L]: the visible keys of each query's top-k segments by cosine
-    similarity of the (un-rotated) query and the segment centroids; -1 where none."""
+    """chosen [B, Hkv, G or 1, S, k]: each query's top-k segments by cosine similarity of the
+    (un-rotated) query and the segment centroids; -1 where none."""
     scores = CausalBlockScores(
         query_BHSD, key_BKTD, attention_mask_BT, block_size=segment_size, scale=1.0, cosine=1
     )
-    chosen = ChooseTop(scores, top=top_k, shared=shared)
-    return SelectedBlockSlots(chosen, attention_mask_BT, block_size=segment_size)
+    return ChooseTop(scores, top=top_k, shared=shared)
 
 
 @graphattn_function
@@ -592,7 +695,7 @@ def SparseRoutedAttention(
     shared: int,
 ):
     """output [B, H, S, D]: routed attention with split-halves RoPE (module docstring)."""
-    slots = RoutedSelection(
+    chosen = RoutedSelection(
         query_BHSD,
         key_BKTD,
         attention_mask_BT,
@@ -600,15 +703,43 @@ def SparseRoutedAttention(
         top_k=top_k,
         shared=shared,
     )
-    keys = GatherSlots(key_BKTD, slots)
-    values = GatherSlots(value_BKTD, slots)
-    key_cos = GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots)
-    key_sin = GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots)
-    rotated_keys = SparseRotaryHalves(keys, key_cos, key_sin)
     rotated_query = SparseRotaryHalves(
         query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
     )
-    return SelectedAttention(rotated_query, rotated_keys, values, slots, scale=scale)
+    # decode copies and rotates the chosen keys; prefill rotates every key once and masks
+    # (see NsaCoarse; the prefill keys are cut to length 0 when decoding)
+    split = DecodeQueries(query_BHSD)
+    last = [9223372036854775807]
+    slots = SelectedBlockSlots(
+        op.Slice(chosen, [0], split, [3]), attention_mask_BT, block_size=segment_size
+    )
+    rotated_keys = SparseRotaryHalves(
+        GatherSlots(key_BKTD, slots),
+        GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots),
+        GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots),
+    )
+    decode = SelectedAttention(
+        op.Slice(rotated_query, [0], split, [2]),
+        rotated_keys,
+        GatherSlots(value_BKTD, slots),
+        slots,
+        scale=scale,
+    )
+    keys_used = op.Mul(op.Slice(op.Shape(key_BKTD), [2], [3]), op.Sub([1], split))
+    prefill_keys = op.Slice(key_BKTD, [0], keys_used, [2])
+    rotated_all = SparseRotaryHalves(
+        prefill_keys,
+        op.Unsqueeze(op.Slice(cos_BTR, [0], keys_used, [1]), [1]),
+        op.Unsqueeze(op.Slice(sin_BTR, [0], keys_used, [1]), [1]),
+    )
+    keep = ChosenBlockKeep(
+        attention_mask_BT, op.Slice(chosen, split, last, [3]), block_size=segment_size
+    )
+    scores = KeyScores(op.Slice(rotated_query, split, last, [2]), rotated_all, scale=scale)
+    prefill = KeepSoftmaxMix(
+        scores, op.Slice(keep, [0], keys_used, [4]), op.Slice(value_BKTD, [0], keys_used, [2])
+    )
+    return op.Concat(decode, prefill, axis=2)
 
 
 @graphattn_function
@@ -625,7 +756,7 @@ def SparseRoutedAttentionInterleaved(
     shared: int,
 ):
     """output [B, H, S, D]: routed attention with interleaved (GPT-J) RoPE."""
-    slots = RoutedSelection(
+    chosen = RoutedSelection(
         query_BHSD,
         key_BKTD,
         attention_mask_BT,
@@ -633,15 +764,43 @@ def SparseRoutedAttentionInterleaved(
         top_k=top_k,
         shared=shared,
     )
-    keys = GatherSlots(key_BKTD, slots)
-    values = GatherSlots(value_BKTD, slots)
-    key_cos = GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots)
-    key_sin = GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots)
-    rotated_keys = SparseRotaryInterleaved(keys, key_cos, key_sin)
     rotated_query = SparseRotaryInterleaved(
         query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
     )
-    return SelectedAttention(rotated_query, rotated_keys, values, slots, scale=scale)
+    # decode copies and rotates the chosen keys; prefill rotates every key once and masks
+    # (see NsaCoarse; the prefill keys are cut to length 0 when decoding)
+    split = DecodeQueries(query_BHSD)
+    last = [9223372036854775807]
+    slots = SelectedBlockSlots(
+        op.Slice(chosen, [0], split, [3]), attention_mask_BT, block_size=segment_size
+    )
+    rotated_keys = SparseRotaryInterleaved(
+        GatherSlots(key_BKTD, slots),
+        GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots),
+        GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots),
+    )
+    decode = SelectedAttention(
+        op.Slice(rotated_query, [0], split, [2]),
+        rotated_keys,
+        GatherSlots(value_BKTD, slots),
+        slots,
+        scale=scale,
+    )
+    keys_used = op.Mul(op.Slice(op.Shape(key_BKTD), [2], [3]), op.Sub([1], split))
+    prefill_keys = op.Slice(key_BKTD, [0], keys_used, [2])
+    rotated_all = SparseRotaryInterleaved(
+        prefill_keys,
+        op.Unsqueeze(op.Slice(cos_BTR, [0], keys_used, [1]), [1]),
+        op.Unsqueeze(op.Slice(sin_BTR, [0], keys_used, [1]), [1]),
+    )
+    keep = ChosenBlockKeep(
+        attention_mask_BT, op.Slice(chosen, split, last, [3]), block_size=segment_size
+    )
+    scores = KeyScores(op.Slice(rotated_query, split, last, [2]), rotated_all, scale=scale)
+    prefill = KeepSoftmaxMix(
+        scores, op.Slice(keep, [0], keys_used, [4]), op.Slice(value_BKTD, [0], keys_used, [2])
+    )
+    return op.Concat(decode, prefill, axis=2)
 
 
 # ------------------------------------------------------------------------------ emitters
