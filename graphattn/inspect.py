@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from graphattn.compiler.blocks import explain as explain_lowering
+from graphattn.runtime.cache_layout import CacheLayoutError, describe_layer, graph_layout
 from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY
 
 
@@ -27,15 +28,45 @@ def _size(num_bytes: int) -> str:
     return ""
 
 
+def _pattern(name: str) -> str:
+    """``past_key_values.3.key`` → ``past_key_values.{i}.key``."""
+    return ".".join("{i}" if p.isdigit() else p for p in name.split("."))
+
+
 def _compact(names: list[str]) -> list[str]:
-    """Collapse per-layer names (``past_key_values.0.key`` ...) into one line each."""
+    """Collapse per-layer names (``past_key_values.0.key`` ...) into one line each (shown
+    with the dims of the first layer that has it)."""
     lines, seen = [], set()
     for name in names:
-        parts = name.split(".")
-        key = ".".join("{i}" if p.isdigit() else p for p in parts)
+        key = _pattern(name)
         if key not in seen:
             seen.add(key)
             lines.append(key)
+    return lines
+
+
+def _cache_lines(graph: onnx.GraphProto, where: str) -> list[str]:
+    """``cache: N B/token (L layers)`` and, per run of layers caching the same tensors, their
+    names, dims (batch, T for time) and bytes per token per row, read from the graph's
+    ``past_key_values.{i}.<name>`` inputs."""
+    try:
+        layout = graph_layout(graph, where=where)
+    except CacheLayoutError as error:
+        return [f"cache: unreadable ({error})"]
+    if not layout:
+        return []
+    total = sum(t.bytes_per_token for tensors in layout for t in tensors)
+    lines = [f"cache: {total} B/token per row ({len(layout)} layers)"]
+    runs: list[tuple[int, int, str]] = []
+    for index, tensors in enumerate(layout):
+        text = describe_layer(tensors)
+        if runs and runs[-1][2] == text:
+            runs[-1] = (runs[-1][0], index, text)
+        else:
+            runs.append((index, index, text))
+    for first, last, text in runs:
+        which = f"layer {first}" if first == last else f"layers {first}-{last}"
+        lines.append(f"  {which}: {text}")
     return lines
 
 
@@ -55,10 +86,11 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
     if config_path.is_file():
         decoder_cfg = json.loads(config_path.read_text())["model"]
         d = decoder_cfg["decoder"]
+        latent = "graphattn.cache_inputs" in json.loads(config_path.read_text())
+        heads = "" if latent else f" kv_heads={d['num_key_value_heads']} head_dim={d['head_size']}"
         lines.append(
             f"architecture: {decoder_cfg['type']}  layers={d['num_hidden_layers']}"
-            f" hidden={d['hidden_size']} heads={d['num_attention_heads']}"
-            f" kv_heads={d['num_key_value_heads']} head_dim={d['head_size']}"
+            f" hidden={d['hidden_size']} heads={d['num_attention_heads']}{heads}"
             f" vocab={decoder_cfg['vocab_size']} context={decoder_cfg['context_length']}"
         )
     metadata = {p.key: p.value for p in model.metadata_props}
@@ -83,12 +115,13 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
     by_name_out = {v.name: v for v in model.graph.output}
     lines.append("inputs:")
     for key in _compact(list(by_name_in)):
-        sample = next(v for n, v in by_name_in.items() if key == n or key.replace("{i}", "0") == n)
+        sample = next(v for n, v in by_name_in.items() if _pattern(n) == key)
         lines.append(f"  {key}: {_dims(sample)}")
     lines.append("outputs:")
     for key in _compact(list(by_name_out)):
-        sample = next(v for n, v in by_name_out.items() if key == n or key.replace("{i}", "0") == n)
+        sample = next(v for n, v in by_name_out.items() if _pattern(n) == key)
         lines.append(f"  {key}: {_dims(sample)}")
+    lines.extend(_cache_lines(model.graph, str(model_path)))
     counts = Counter(node.domain or "ai.onnx" for node in model.graph.node)
     lines.append(
         f"graph nodes: {sum(counts.values())} ("

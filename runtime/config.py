@@ -20,7 +20,7 @@ class DecoderConfig:
 
     model_path: Path
     num_layers: int
-    kv_heads: int
+    kv_heads: int  # 0 where unknown or meaningless (a latent cache without genai_config)
     head_dim: int
     vocab_size: int | None
     context_length: int | None
@@ -93,14 +93,23 @@ def from_genai_config(model: Path, config_path: Path) -> DecoderConfig:
 
 
 def from_session_io(model: Path, inputs: list, outputs: list) -> DecoderConfig:
-    """Infer the config from a session's I/O when no genai_config.json is present."""
-    pasts = [i for i in inputs if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
-    if not pasts:
+    """Infer the config from a session's I/O when no genai_config.json is present: layers
+    from the ``past_key_values.{i}.*`` inputs; ``kv_heads``/``head_dim`` from layer 0's
+    ``key [batch, kv_heads, past, head_dim]`` where it has one, else 0 (a latent cache)."""
+    layers = {
+        int(i.name.split(".")[1])
+        for i in inputs
+        if i.name.startswith("past_key_values.") and i.name.split(".")[1].isdigit()
+    }
+    if not layers:
         raise ModelLoadError(f"{model}: no genai_config.json and no past_key_values inputs")
-    shape = pasts[0].shape
+    key = next((i for i in inputs if i.name == "past_key_values.0.key"), None)
+    kv_heads = head_dim = 0
+    if key is not None and len(key.shape) == 4:
+        kv_heads, head_dim = (d if isinstance(d, int) else 0 for d in (key.shape[1], key.shape[3]))
     logits = next((o for o in outputs if o.name == "logits"), None)
     vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
-    return DecoderConfig(model, len(pasts), int(shape[1]), int(shape[3]), vocab, None)
+    return DecoderConfig(model, max(layers) + 1, kv_heads, head_dim, vocab, None)
 
 
 def numpy_dtype(onnx_type: str) -> type:

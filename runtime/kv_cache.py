@@ -1,17 +1,23 @@
 """KV caches that drive a decoder step by step. Both keep ``length`` tokens of history and
 refuse, before running, a step that would pass ``capacity``.
 
+Each layer caches the tensors its graph inputs say (:mod:`graphattn.runtime.cache_layout`):
+``key``/``value [B, Hkv, T, D]`` for ordinary attention, ``latent [B, T, kv_lora_rank]`` and
+``rope_key [B, T, rope_dim]`` for latent attention, or any other ``past_key_values.{i}.<name>``
+with one ``past_sequence_length`` axis; below, "per tensor" means each of those.
+
 - :class:`PlainCache`: ``session.run`` with NumPy arrays, feeding each step's presents back
   as the next pasts (the baseline every ONNX app can write).
 - :class:`BoundCache`: IOBinding over buffers preallocated once per layer at ``capacity``
   on the session's device (CUDA memory under the CUDA provider), so the cache never comes back
   to the host and no step allocates. Our graphs build each present with a Concat of past and
-  new, which cannot write into its own input, so every layer has two buffers per key/value
+  new, which cannot write into its own input, so every layer has two buffers per tensor
   used in turn: step t reads its past from one and writes its present into the other.
 - :class:`SharedCache`: for graphs whose attention writes the new keys into its past buffer
   (GroupQueryAttention, ``past_present_share_buffer`` in ``genai_config.json``): one
   ``[B, Hkv, capacity, D]`` buffer per key/value and layer, bound as both past and present, so
-  a step copies nothing but its own new keys.
+  a step copies nothing but its own new keys. Only for graphs whose every cache tensor is an
+  ordinary key/value (a latent cache is never appended in place).
 """
 
 from __future__ import annotations
@@ -70,22 +76,21 @@ class _Cache:
         return feeds
 
     def _allocate(self, batch: int, copies: int) -> None:
-        """``[layer][copy][key/value]`` OrtValues ``[batch, kv_heads, capacity, head_dim]`` on
-        the session's device (reused while the batch size stays the same)."""
-        cfg = self.model.config
-        shape = [batch, cfg.kv_heads, self.capacity, cfg.head_dim]
+        """``[layer][copy][tensor]`` OrtValues of each cache tensor's shape at ``capacity``
+        tokens on the session's device (reused while the batch size stays the same)."""
         if self.batch != batch or not hasattr(self, "buffers"):
+            device, capacity = self.model.device, self.capacity
             self.buffers = [
                 [
                     [
                         ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape, self.model.kv_dtype, self.model.device, 0
+                            list(t.shape(batch, capacity)), t.dtype, device, 0
                         )
-                        for _ in range(2)  # key, value
+                        for t in tensors
                     ]
                     for _ in range(copies)
                 ]
-                for _ in range(cfg.num_layers)
+                for tensors in self.model.cache_layout
             ]
 
     def _bind_tokens(self, input_ids, attention_mask, position_ids):
@@ -104,24 +109,23 @@ class PlainCache(_Cache):
     name = "plain"
 
     def reset(self, batch: int) -> None:
-        """Empty the cache for a new batch of ``batch`` rows."""
-        cfg = self.model.config
-        empty = np.zeros((batch, cfg.kv_heads, 0, cfg.head_dim), dtype=self.model.kv_dtype)
-        self.pasts = [(empty, empty)] * cfg.num_layers
+        """Empty the cache for a new batch of ``batch`` rows: zero-length tensors per layer."""
+        self.pasts = [
+            tuple(np.zeros(t.shape(batch, 0), dtype=t.dtype) for t in tensors)
+            for tensors in self.model.cache_layout
+        ]
         self.length, self.batch = 0, batch
 
     def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache."""
         self._check(input_ids.shape[1])
         feeds = self._feeds(input_ids, attention_mask, position_ids)
-        for layer, (key, value) in enumerate(self.pasts):
-            key_name, value_name = self.model.past_names(layer)
-            feeds[key_name], feeds[value_name] = key, value
+        layout = self.model.cache_layout
+        for tensors, arrays in zip(layout, self.pasts):
+            for tensor, array in zip(tensors, arrays):
+                feeds[tensor.past] = array
         outputs = dict(zip(self.model.output_names, self.model.session.run(None, feeds)))
-        self.pasts = [
-            tuple(outputs[name] for name in self.model.present_names(layer))
-            for layer in range(self.model.config.num_layers)
-        ]
+        self.pasts = [tuple(outputs[t.present] for t in tensors) for tensors in layout]
         self.length += input_ids.shape[1]
         return outputs["logits"]
 
@@ -132,45 +136,44 @@ class BoundCache(_Cache):
     name = "bound"
 
     def reset(self, batch: int) -> None:
-        """Allocate (or reuse) two ``[batch, kv_heads, capacity, head_dim]`` buffers per
-        key/value and layer."""
+        """Allocate (or reuse) two buffers per cache tensor and layer, each the tensor's
+        shape at ``capacity`` tokens."""
         self._allocate(batch, copies=2)
         self.binding = self.model.session.io_binding()
         self.turn, self.length, self.batch = 0, 0, batch
 
     def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
-        """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache."""
+        """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache.
+        A past of ``length`` tokens is read, contiguous, from the start of one buffer; the
+        present is written, contiguous, from the start of the other."""
         self._check(input_ids.shape[1])
-        cfg, device, dtype = self.model.config, self.model.device, self.model.kv_dtype
+        device = self.model.device
         batch, new = input_ids.shape
-        past_shape = [batch, cfg.kv_heads, self.length, cfg.head_dim]
-        present_shape = [batch, cfg.kv_heads, self.length + new, cfg.head_dim]
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         io = self._bind_tokens(input_ids, attention_mask, position_ids)
-        for layer in range(cfg.num_layers):
-            read, write = self.buffers[layer][self.turn], self.buffers[layer][1 - self.turn]
-            pasts, presents = self.model.past_names(layer), self.model.present_names(layer)
-            for part in range(2):
-                io.bind_input(pasts[part], device, 0, dtype, past_shape, read[part].data_ptr())
-                io.bind_output(
-                    presents[part], device, 0, dtype, present_shape, write[part].data_ptr()
-                )
+        for tensors, buffers in zip(self.model.cache_layout, self.buffers):
+            read, write = buffers[self.turn], buffers[1 - self.turn]
+            for part, t in enumerate(tensors):
+                past_shape = list(t.shape(batch, self.length))
+                present_shape = list(t.shape(batch, self.length + new))
+                io.bind_input(t.past, device, 0, t.dtype, past_shape, read[part].data_ptr())
+                io.bind_output(t.present, device, 0, t.dtype, present_shape, write[part].data_ptr())
         self.model.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         self.turn, self.length = 1 - self.turn, self.length + new
         return logits
 
-    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The cached key and value of one layer as host arrays (for tests and debugging): the
-        present last written, ``[batch, kv_heads, length, head_dim]`` at each buffer's start."""
-        cfg = self.model.config
-        shape = (self.batch, cfg.kv_heads, self.length, cfg.head_dim)
-        count = int(np.prod(shape))
-        key, value = (
-            b.numpy().reshape(-1)[:count].reshape(shape) for b in self.buffers[index][self.turn]
-        )
-        return key, value
+    def layer(self, index: int) -> tuple[np.ndarray, ...]:
+        """The cached tensors of one layer as host arrays, in cache order ((key, value) for
+        ordinary attention; for tests and debugging): the present last written, each of
+        shape ``[.., length, ..]`` at its buffer's start."""
+        arrays = []
+        for t, buffer in zip(self.model.cache_layout[index], self.buffers[index][self.turn]):
+            shape = t.shape(self.batch, self.length)
+            count = int(np.prod(shape))
+            arrays.append(buffer.numpy().reshape(-1)[:count].reshape(shape))
+        return tuple(arrays)
 
 
 class SharedCache(_Cache):
@@ -182,15 +185,21 @@ class SharedCache(_Cache):
     def reset(self, batch: int) -> None:
         """Allocate (or reuse) one ``[batch, kv_heads, capacity, head_dim]`` buffer per
         key/value and layer."""
+        if not all(t.is_kv for tensors in self.model.cache_layout for t in tensors):
+            raise ValueError(
+                f"{self.model.config.model_path}: the shared cache needs ordinary"
+                " [batch, kv_heads, T, head_dim] key/value caches appended in place"
+                " (GroupQueryAttention); this graph caches other tensors: use bound or plain"
+            )
         self._allocate(batch, copies=1)
         self.binding = io = self.model.session.io_binding()
         # the cache bindings never change: bound once here, each step rebinds only its tokens
         # (and logits, bound first so that it stays output 0)
         io.bind_output("logits", "cpu")
-        for layer, (buffers,) in enumerate(self.buffers):
-            for part in range(2):
-                io.bind_ortvalue_input(self.model.past_names(layer)[part], buffers[part])
-                io.bind_ortvalue_output(self.model.present_names(layer)[part], buffers[part])
+        for tensors, (buffers,) in zip(self.model.cache_layout, self.buffers):
+            for t, buffer in zip(tensors, buffers):
+                io.bind_ortvalue_input(t.past, buffer)
+                io.bind_ortvalue_output(t.present, buffer)
         self.length, self.batch = 0, batch
 
     def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
@@ -202,11 +211,10 @@ class SharedCache(_Cache):
         self.length += input_ids.shape[1]
         return logits
 
-    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def layer(self, index: int) -> tuple[np.ndarray, ...]:
         """The cached key and value of one layer as host arrays (for tests and debugging): the
         first ``length`` slots of its ``[batch, kv_heads, capacity, head_dim]`` buffers."""
-        key, value = (b.numpy()[:, :, : self.length] for b in self.buffers[index][0])
-        return key, value
+        return tuple(b.numpy()[:, :, : self.length] for b in self.buffers[index][0])
 
 
 CACHES = {"bound": BoundCache, "plain": PlainCache, "shared": SharedCache}

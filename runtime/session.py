@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from graphattn.runtime.cache_layout import CacheLayoutError, LayerCache, read_layout
 from graphattn.runtime.config import (
     DecoderConfig,
     ModelLoadError,
     from_genai_config,
     from_session_io,
     locate_model,
-    numpy_dtype,
 )
 from graphattn.runtime.model_metadata import read_metadata, version_tuple
 
@@ -147,8 +147,7 @@ class ModelSession:
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
         self._check_io(inputs, outputs)
-        first_past = next(i for i in inputs if i.name == self.past_names(0)[0])
-        self.kv_dtype = numpy_dtype(first_past.type)
+        self.kv_dtype = self.cache_layout[0][0].dtype
         self.has_position_ids = "position_ids" in self.input_names
         logits_length = next(o for o in outputs if o.name == "logits").shape[1]
         self.last_logits_only = logits_length == 1
@@ -158,17 +157,29 @@ class ModelSession:
         declared = self.config.share_buffer or metadata.get(KV_BUFFER_KEY) == "shared"
         # onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: an fp32 graph runs that
         # node on the CPU provider, through copies that cannot append in place
-        self.shares_kv_buffer = declared and (self.device == "cpu" or self.kv_dtype != np.float32)
+        # only GroupQueryAttention appends in place, over ordinary [B, Hkv, T, D] key/value
+        ordinary = all(t.is_kv for layer in self.cache_layout for t in layer)
+        self.shares_kv_buffer = (
+            declared and ordinary and (self.device == "cpu" or self.kv_dtype != np.float32)
+        )
 
-    def past_names(self, layer: int) -> tuple[str, str]:
-        """(past key input, past value input) names of ``layer``."""
-        return self.config.past_key % layer, self.config.past_value % layer
+    def past_names(self, layer: int) -> tuple[str, ...]:
+        """Cache input names of ``layer`` in graph order (past key, past value for ordinary
+        attention; past latent, past rope key for latent attention)."""
+        return tuple(t.past for t in self.cache_layout[layer])
 
-    def present_names(self, layer: int) -> tuple[str, str]:
-        """(present key output, present value output) names of ``layer``."""
-        return self.config.present_key % layer, self.config.present_value % layer
+    def present_names(self, layer: int) -> tuple[str, ...]:
+        """Cache output names of ``layer``, in the order of :meth:`past_names`."""
+        return tuple(t.present for t in self.cache_layout[layer])
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Cache bytes per token per row, all layers together."""
+        return sum(t.bytes_per_token for layer in self.cache_layout for t in layer)
 
     def _check_io(self, inputs: list, outputs: list) -> None:
+        """Reads ``self.cache_layout`` (per layer, its :class:`CacheTensor` s) from the graph
+        and checks it and the other I/O against the config."""
         cfg, where = self.config, self.config.model_path
         by_input = {i.name: i for i in inputs}
         by_output = {o.name: o for o in outputs}
@@ -177,31 +188,44 @@ class ModelSession:
                 raise ModelLoadError(f"{where}: graph has no {name!r} input")
         if "logits" not in by_output:
             raise ModelLoadError(f"{where}: graph has no 'logits' output")
-        for layer in range(cfg.num_layers):
-            for name in self.past_names(layer):
-                if name not in by_input:
-                    raise ModelLoadError(
-                        f"{where}: input {name!r} is missing but the config says"
-                        f" num_hidden_layers={cfg.num_layers}"
-                    )
-                shape = by_input[name].shape
-                expected = {1: cfg.kv_heads, 3: cfg.head_dim}  # symbolic dims are accepted
-                wrong = any(
-                    isinstance(shape[i], int) and shape[i] != v for i, v in expected.items()
-                )
-                if len(shape) != 4 or wrong:
-                    raise ModelLoadError(
-                        f"{where}: input {name!r} has shape {shape}, config says"
-                        f" [batch, {cfg.kv_heads}, past, {cfg.head_dim}]"
-                    )
-            for name in self.present_names(layer):
-                if name not in by_output:
-                    raise ModelLoadError(f"{where}: output {name!r} is missing")
-        extra = self.past_names(cfg.num_layers)[0]
-        if extra in by_input:
+        try:
+            layout: list[LayerCache] = read_layout(
+                inputs,
+                outputs,
+                where=str(where),
+                key_names=(cfg.past_key, cfg.past_value),
+                present_names=(cfg.present_key, cfg.present_value),
+                head_dims=(cfg.kv_heads, cfg.head_dim) if cfg.kv_heads else None,
+            )
+        except CacheLayoutError as error:
+            raise ModelLoadError(str(error)) from None
+        if not layout:
+            raise ModelLoadError(f"{where}: graph has no cache inputs ({cfg.past_key % 0!r} ...)")
+        ordinary = layout[0][0].name == "key"
+        if len(layout) < cfg.num_layers:
+            layer = len(layout)
+            missing = cfg.past_key % layer if ordinary else f"past_key_values.{layer}.*"
+            raise ModelLoadError(
+                f"{where}: input {missing!r} is missing but the config says"
+                f" num_hidden_layers={cfg.num_layers}"
+            )
+        if len(layout) > cfg.num_layers:
+            extra = layout[cfg.num_layers][0].past
             raise ModelLoadError(
                 f"{where}: graph has input {extra!r} beyond num_hidden_layers={cfg.num_layers}"
             )
+        for tensors in layout:
+            for tensor in tensors:
+                if not tensor.is_kv or not cfg.kv_heads:
+                    continue
+                shape = by_input[tensor.past].shape
+                expected = {1: cfg.kv_heads, 3: cfg.head_dim}  # symbolic dims are accepted
+                if any(isinstance(shape[i], int) and shape[i] != v for i, v in expected.items()):
+                    raise ModelLoadError(
+                        f"{where}: input {tensor.past!r} has shape {shape}, config says"
+                        f" [batch, {cfg.kv_heads}, past, {cfg.head_dim}]"
+                    )
+        self.cache_layout = layout
         vocab = by_output["logits"].shape[-1]
         if cfg.vocab_size and isinstance(vocab, int) and vocab != cfg.vocab_size:
             raise ModelLoadError(

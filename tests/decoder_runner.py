@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from graphattn.interpreter import Interpreter
+from graphattn.runtime.cache_layout import graph_layout
 
 
 def positions_for(attention_mask: np.ndarray, query_len: int) -> np.ndarray:
@@ -16,31 +18,38 @@ def positions_for(attention_mask: np.ndarray, query_len: int) -> np.ndarray:
 
 
 class Decoder:
-    """``Decoder(out_dir)(ids, mask, past) -> (logits, presents)``; engine ort or interpreter."""
+    """``Decoder(out_dir)(ids, mask, past) -> (logits, presents)``; engine ort or interpreter.
+
+    The cache is what the graph's ``past_key_values.{i}.<name>`` inputs say: ``self.cache``
+    holds per layer its :class:`~graphattn.runtime.cache_layout.CacheTensor` s in input order;
+    ``past`` and ``presents`` are per layer tuples in that order ((key, value) for ordinary
+    attention, (latent, rope_key) for latent attention)."""
 
     def __init__(self, out_dir: Path, engine: str = "ort") -> None:
         self.config = json.loads((Path(out_dir) / "genai_config.json").read_text())["model"]
-        decoder = self.config["decoder"]
-        self.layers = decoder["num_hidden_layers"]
-        self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
-        path = str(Path(out_dir) / "model.onnx")
+        path = Path(out_dir) / "model.onnx"
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.cache = graph_layout(graph, where=str(path))
+        self.layers = len(self.cache)
+        self.cache_names = [tuple(t.name for t in layer) for layer in self.cache]
+        self.input_names = {v.name for v in graph.input}
         if engine == "ort":
-            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values"))
-            self.dtype = np.float16 if "float16" in past.type else np.float32
-            self.input_names = {i.name for i in session.get_inputs()}
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.dtype = self.cache[0][0].dtype
             self._run = lambda feeds: dict(
                 zip([o.name for o in session.get_outputs()], session.run(None, feeds))
             )
         else:
-            interpreter = Interpreter(path)
-            self.input_names = set(interpreter.input_names)
+            interpreter = Interpreter(str(path))
             self.dtype = np.float32
             self._run = interpreter.run
 
-    def empty_past(self, batch: int):
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-        return [(empty, empty)] * self.layers
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, ...]]:
+        """Per layer, zero-length cache tensors of ``batch`` rows."""
+        return [
+            tuple(np.zeros(t.shape(batch, 0), dtype=self.dtype) for t in layer)
+            for layer in self.cache
+        ]
 
     def __call__(self, input_ids, attention_mask, past=None):
         past = self.empty_past(input_ids.shape[0]) if past is None else past
@@ -50,13 +59,11 @@ class Decoder:
         }
         if "position_ids" in self.input_names:  # ort graphs with GroupQueryAttention lack it
             feeds["position_ids"] = positions_for(attention_mask, input_ids.shape[1])
-        for i, (key, value) in enumerate(past):
-            feeds[f"past_key_values.{i}.key"] = key
-            feeds[f"past_key_values.{i}.value"] = value
+        for tensors, arrays in zip(self.cache, past, strict=True):
+            for tensor, array in zip(tensors, arrays, strict=True):
+                feeds[tensor.past] = array
         out = self._run(feeds)
-        presents = [
-            (out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.layers)
-        ]
+        presents = [tuple(out[t.present] for t in tensors) for tensors in self.cache]
         return out["logits"], presents
 
 
