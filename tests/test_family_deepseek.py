@@ -63,9 +63,21 @@ V2 = {  # DeepSeek-V2: low-rank query, every layer sparse, group-limited greedy 
     "routed_scaling_factor": 1.5,
     "norm_topk_prob": False,
 }
-V2_LITE = {  # DeepSeek-V2-Lite: no q_lora_rank, a dense first layer, greedy routing, tied head
+V2_LITE = {  # DeepSeek-V2-Lite: no q_lora_rank, a dense first layer, greedy routing, tied head,
+    # yarn with mscale = mscale_all_dim as published (cos/sin factor 1, score × mscale²)
     **V2,
     "q_lora_rank": None,
+    "max_position_embeddings": 256,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
     "first_k_dense_replace": 1,
     "topk_method": "greedy",
     "n_group": None,
