@@ -21,6 +21,9 @@
   is loaded at all).
 - ``position_ids`` is fed only when the graph has that input; extra feeds are never needed.
 
+A model whose cache is not key/value (multi-head latent attention: ``latent``/``rope_key``)
+is refused (:func:`check_supported`): transformers.js builds and feeds key/value caches only.
+
 ``genai_config.json`` stays, its ``filename`` pointing into ``onnx/``, so ONNX Runtime GenAI and
 :mod:`graphattn.runtime` load the very same directory.
 """
@@ -53,6 +56,27 @@ _ALIGN_THRESHOLD, _ALIGN_LARGE, _ALIGN_SMALL = 1 << 20, 1 << 16, 64
 
 # Keys of a source config.json that describe its files, not the model: not restated.
 _FILE_KEYS = ("transformers.js_config", "quantization_config", "_name_or_path", "auto_map")
+
+
+def check_supported(cfg: ModelConfig, model: onnx.ModelProto | None = None) -> None:
+    """Refuse (ValueError) a model whose cache transformers.js cannot build: it feeds
+    ``past_key_values.{i}.key|value`` only, so a latent (MLA) cache — ``.latent``/
+    ``.rope_key`` per layer — or any other cache tensor of ``model``'s graph is refused."""
+    names = set()
+    if model is not None:
+        names = {
+            i.name.split(".", 2)[2]
+            for i in model.graph.input
+            if i.name.startswith("past_key_values.") and i.name.count(".") >= 2
+        } - {"key", "value"}
+    if cfg.latent or names:
+        found = ", ".join(sorted(names)) if names else "latent, rope_key"
+        raise ValueError(
+            "layout transformers.js: this model's KV cache is a multi-head latent attention"
+            f" cache (past_key_values.{{i}}.{found.replace(', ', '|')}), but transformers.js"
+            " feeds only past_key_values.{i}.key|value caches; export with --layout genai"
+            " and run it with graphattn.runtime"
+        )
 
 
 def model_file_name(precision: str) -> str:
@@ -244,8 +268,10 @@ def arrange(
     Returns the files written, relative paths under ``directory``."""
     directory = Path(directory)
     name = model_file_name(precision)
+    check_supported(cfg)
     source = directory / model_file
     model = onnx.load(str(source), load_external_data=False)
+    check_supported(cfg, model)
     target_dir = directory / ONNX_DIR
     target_dir.mkdir(exist_ok=True)
     chunks = relocate_external_data(model, directory, target_dir, name, chunk_bytes)
@@ -273,6 +299,7 @@ __all__ = [
     "DTYPE_SUFFIXES",
     "PRECISION_DTYPES",
     "arrange",
+    "check_supported",
     "chunk_names",
     "external_tensors",
     "generation_config",

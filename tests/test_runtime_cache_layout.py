@@ -306,3 +306,19 @@ def test_genai_config_and_inspect_describe_the_cache(decoder, tmp_path):
     if latent:
         assert "latent [batch, T, 4] float32 (16 B/token)" in report
         assert "state [batch, 2, T, 3] float32 (24 B/token)" in report
+
+
+def test_transformersjs_layout_refuses_latent_caches(decoder):
+    from types import SimpleNamespace
+
+    from graphattn.exporters.transformersjs_layout import check_supported
+
+    layers, _, path = decoder
+    proto = onnx.load(str(path))
+    if layers is LATENT_LAYERS:
+        with pytest.raises(ValueError, match=r"latent attention cache .*latent\|rope_key\|state"):
+            check_supported(SimpleNamespace(latent=False), proto)
+    else:
+        check_supported(SimpleNamespace(latent=False), proto)
+    with pytest.raises(ValueError, match="transformers.js feeds only past_key_values"):
+        check_supported(SimpleNamespace(latent=True))
