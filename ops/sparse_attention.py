@@ -71,7 +71,9 @@ from onnxscript import BOOL, FLOAT, INT64
 from graphattn.ops.attention import MaskedSoftmaxMix, _check_heads, _check_positive
 from graphattn.ops.domain import MASKED_BIAS, graphattn_function, op
 from graphattn.ops.emit import GraphEmitter, require_rank
+from graphattn.ops.heads import MergeHeads, SplitHeads
 from graphattn.ops.masks import KeepToBias
+from graphattn.ops.rotary import RotaryHalves, RotaryInterleaved
 
 # Score of a block/key that may not be chosen: below any real score, so TopK ranks it last;
 # anything chosen at or below NOT_CHOSEN_BELOW is dropped afterwards.
@@ -1028,4 +1030,181 @@ def sparse_routed_attention(
     return output, key_BKTD, value_BKTD
 
 
-__all__ = ["native_sparse_attention", "sparse_routed_attention"]
+# ------------------------------------------------------------------ the decoder-layer block
+_INT, _FLOAT, _STRING = ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING
+BLOCK_ATTRIBUTES = (
+    ("num_heads", _INT),
+    ("kv_heads", _INT),
+    ("head_dim", _INT),
+    ("scale", _FLOAT),
+    ("block_size", _INT),  # NSA block / routed segment size
+    ("top_blocks", _INT),  # NSA c / routed k
+    ("top_tokens", _INT),  # NSA f (0 for routed)
+    ("window", _INT),  # NSA W (0 for routed)
+    ("shared", _INT),  # 1: selection per KV head
+    ("rotary_dim", _INT),  # 0: no RoPE (NSA only)
+)
+BLOCK_ROLES = (
+    "q_weight",
+    "q_bias",
+    "k_weight",
+    "k_bias",
+    "v_weight",
+    "v_bias",
+    "o_weight",
+    "o_bias",
+    "gate_coarse",
+    "gate_fine",
+    "gate_window",
+)
+BLOCK_KINDS = ("native_sparse", "sparse_routed")
+
+
+def _block_body(kind: str, rope: str, roles: tuple[str, ...]) -> GraphEmitter:
+    """The body of one sparse self-attention block (see :func:`sparse_attention_block`)."""
+    b = GraphEmitter("body")
+    x = {role: b.input(role, None, None) for role in roles}
+
+    def ref(name: str, kind_: ir.AttributeType, as_name: str | None = None) -> ir.Attr:
+        return ir.RefAttr(as_name or name, name, kind_)
+
+    def linear(part: str, value: ir.Value) -> ir.Value:
+        y = b.op("MatMul", [value, x[f"{part}_weight"]], name=f"{part}_proj")
+        if f"{part}_bias" in x:
+            y = b.op("Add", [y, x[f"{part}_bias"]], name=f"{part}_proj/bias")
+        return y
+
+    heads = {"q": ref("num_heads", _INT, "heads"), "k": ref("kv_heads", _INT, "heads")}
+    heads["v"] = heads["k"]
+    q, k, v = (
+        b.call(SplitHeads, [linear(part, x["x"])], {"heads": heads[part]}, name=f"{part}_heads")
+        for part in "qkv"
+    )
+    if kind == "native_sparse" and rope != "none":
+        rotary = RotaryInterleaved if rope == "interleaved" else RotaryHalves
+        q = b.call(rotary, [q, x["cos"], x["sin"]], name="q_rotary")
+        k = b.call(rotary, [k, x["cos"], x["sin"]], name="k_rotary")
+    key = b.op("Concat", [x["past_key"], k], {"axis": 2}, name="present_key")
+    value = b.op("Concat", [x["past_value"], v], {"axis": 2}, name="present_value")
+    common = {"scale": ref("scale", _FLOAT), "shared": ref("shared", _INT)}
+    if kind == "native_sparse":
+        gates = []
+        for what in ("gate_coarse", "gate_fine", "gate_window"):
+            shape = b.constant(f"{what}/shape", np.array([1, -1, 1, 1], dtype=np.int64))
+            gates.append(b.op("Reshape", [x[what], shape], name=what))
+        attributes = {
+            "block_size": ref("block_size", _INT),
+            "top_blocks": ref("top_blocks", _INT),
+            "top_tokens": ref("top_tokens", _INT),
+            "window": ref("window", _INT),
+            **common,
+        }
+        inputs = [q, key, value, x["attention_mask"], *gates]
+        mixed = b.call(NativeSparseAttention, inputs, attributes, name="nsa")
+    else:
+        function = (
+            SparseRoutedAttentionInterleaved if rope == "interleaved" else SparseRoutedAttention
+        )
+        attributes = {
+            "segment_size": ref("block_size", _INT, "segment_size"),
+            "top_k": ref("top_blocks", _INT, "top_k"),
+            **common,
+        }
+        inputs = [q, key, value, x["attention_mask"], x["cos"], x["sin"]]
+        mixed = b.call(function, inputs, attributes, name="routed")
+    output = linear("o", b.call(MergeHeads, [mixed], name="merge_heads"))
+    for result, label in ((output, "output"), (key, "present_key"), (value, "present_value")):
+        b.output(result, label, ir.DataType.UNDEFINED)
+        b.graph.outputs[-1].type = None
+    return b
+
+
+def sparse_attention_block(
+    g: GraphEmitter,
+    x_BSC: ir.Value,
+    weights: dict[str, ir.Value],
+    *,
+    kind: str,
+    attention_mask_BT: ir.Value,
+    past_key_BKPD: ir.Value,
+    past_value_BKPD: ir.Value,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    top_blocks: int,
+    top_tokens: int = 0,
+    window: int = 0,
+    selection: str = "head",
+    rope: str = "halves",
+    cos_sin: tuple[ir.Value, ir.Value] | None = None,
+    rotary_dim: int = 0,
+    scale: float | None = None,
+    name: str,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One decoder self-attention layer with sparse attention, as one ``graphattn`` function
+    call (``SparseSelfAttention_<kind>[_rope_<kind>][_<biases>]``; not ``SelfAttention*``, so
+    the compiler's Attention/GroupQueryAttention rules leave it to be inlined). Returns
+    ``(output [B, S, C], present_key, present_value [B, Hkv, T, D])``.
+
+    ``weights``: ``q/k/v/o_weight [in, out]`` (+ ``*_bias``); NSA also ``gate_coarse``,
+    ``gate_fine``, ``gate_window [num_heads]``. ``kind``: ``native_sparse`` (``cos_sin [B, S,
+    R]`` rotate q and k before the op, as in a dense layer; ``rope="none"`` for NoPE) or
+    ``sparse_routed`` (``cos_sin [B, T, R]`` for every slot; the cache holds keys before RoPE).
+    """
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(BLOCK_KINDS)}, got {kind!r}")
+    if rope not in ("none", "halves", "interleaved"):
+        raise ValueError(f"rope must be none, halves or interleaved, got {rope!r}")
+    if kind == "sparse_routed" and rope == "none":
+        raise ValueError("sparse routed attention needs RoPE (cos_sin for every slot)")
+    if (rope == "none") != (cos_sin is None):
+        raise ValueError("cos_sin must be given exactly when rope is halves or interleaved")
+    _check_heads(num_heads, kv_heads, head_dim)
+    unknown = sorted(set(weights) - set(BLOCK_ROLES))
+    if unknown:
+        raise ValueError(f"sparse attention block: unknown weight roles {unknown}")
+    needed = [f"{p}_weight" for p in "qkvo"]
+    if kind == "native_sparse":
+        needed += ["gate_coarse", "gate_fine", "gate_window"]
+    missing = [role for role in needed if role not in weights]
+    if missing:
+        raise ValueError(f"{name}: {kind} attention needs weights {missing}")
+    require_rank(x_BSC, 3, "x")
+    require_rank(attention_mask_BT, 2, "attention_mask")
+    values = {
+        "block_size": _check_count("block_size", block_size),
+        "top_blocks": _check_count("top_blocks", top_blocks),
+        "top_tokens": _check_count("top_tokens", top_tokens) if kind == "native_sparse" else 0,
+        "window": _check_count("window", window) if kind == "native_sparse" else 0,
+        "shared": _check_selection(selection),
+        "scale": 1.0 / math.sqrt(head_dim) if scale is None else _check_positive("scale", scale),
+        "num_heads": num_heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "rotary_dim": rotary_dim if rope != "none" else 0,
+    }
+    roles = ("x", *(role for role in BLOCK_ROLES if role in weights))
+    inputs = [x_BSC, *(weights[role] for role in roles[1:])]
+    if cos_sin is not None:
+        roles += ("cos", "sin")
+        inputs += list(cos_sin)
+    roles += ("attention_mask", "past_key", "past_value")
+    inputs += [attention_mask_BT, past_key_BKPD, past_value_BKPD]
+    biases = "".join(p for p in "qkvo" if f"{p}_bias" in weights)
+    tokens = (
+        [kind]
+        + ([f"rope_{rope}"] if rope != "none" else [])
+        + ([f"{biases}_bias"] if biases else [])
+    )
+    function_name = "_".join(["SparseSelfAttention", *tokens])
+    body = _block_body(kind, rope, roles)
+    declared = [ir.Attr(n, t, None) for n, t in BLOCK_ATTRIBUTES]
+    g.define(body.function_body(function_name, declared), body.functions)
+    call = {n: ir.Attr(n, t, values[n]) for n, t in BLOCK_ATTRIBUTES}
+    return g.call_defined(
+        function_name, inputs, call, name=name, outputs=("output", "present_key", "present_value")
+    )
+
+
+__all__ = ["native_sparse_attention", "sparse_attention_block", "sparse_routed_attention"]

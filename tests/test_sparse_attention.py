@@ -523,3 +523,171 @@ def test_float16_graph_matches_reference(kind, length, past):
     output = ort_run(proto, half)["output"].astype(np.float64)
     assert np.isfinite(output).all()
     assert_close(output, expected, 5e-3, f"{kind} float16 output")
+
+
+# ---------------------------------------------------------------------- the layer block
+def merge_heads_ref(x_BHSD):
+    b, h, s, d = x_BHSD.shape
+    return x_BHSD.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def split_heads_ref(x_BSC, heads):
+    b, s, c = x_BSC.shape
+    return x_BSC.reshape(b, s, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("kind,selection", [("nsa", "head"), ("routed", "group")])
+def test_sparse_attention_block_matches_reference(kind, selection):
+    """The decoder-layer block (projections, RoPE where the kind wants it, the sparse op,
+    output projection) against NumPy projections around the loop references, in onnxruntime,
+    the interpreter and the portable lowering; decode after a past, left-padded batch."""
+    from graphattn.compiler import CompileOptions, compile_model
+    from graphattn.ops.sparse_attention import sparse_attention_block
+
+    heads, kv_heads, hidden, batch, length, past = 4, 2, 24, 2, 1, 10
+    total = past + length
+    mask = left_mask(batch, total, (3, 0))
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    for seed in range(50):
+        rng = np.random.default_rng([seed, 21])
+        w = {
+            "q_weight": rng.standard_normal((hidden, heads * DIM)) * 0.3,
+            "k_weight": rng.standard_normal((hidden, kv_heads * DIM)) * 0.3,
+            "v_weight": rng.standard_normal((hidden, kv_heads * DIM)) * 0.3,
+            "q_bias": rng.standard_normal(heads * DIM) * 0.1,
+            "o_weight": rng.standard_normal((heads * DIM, hidden)) * 0.3,
+        }
+        if kind == "nsa":
+            for name in ("gate_coarse", "gate_fine", "gate_window"):
+                w[name] = rng.standard_normal(heads)
+        w = {name: value.astype(np.float32) for name, value in w.items()}
+        feeds = {
+            "x": rng.standard_normal((batch, length, hidden)).astype(np.float32),
+            "attention_mask": mask,
+            "past_key": rng.standard_normal((batch, kv_heads, past, DIM)).astype(np.float32),
+            "past_value": rng.standard_normal((batch, kv_heads, past, DIM)).astype(np.float32),
+        }
+        table = positions if kind == "routed" else positions[:, -length:]
+        feeds["cos"], feeds["sin"] = rope_tables(table)
+        x64 = feeds["x"].astype(np.float64)
+        q = split_heads_ref(x64 @ w["q_weight"] + w["q_bias"], heads)
+        k = split_heads_ref(x64 @ w["k_weight"], kv_heads)
+        v = split_heads_ref(x64 @ w["v_weight"], kv_heads)
+        inv_freq = inverse_frequencies(ROTARY_HALF)
+        if kind == "nsa":  # rotate the new q/k at their positions; the past is rotated already
+            for b in range(batch):
+                for i in range(length):
+                    angles = positions[b, past + i] * inv_freq
+                    for h in range(heads):
+                        q[b, h, i] = ref.rotate(q[b, h, i], angles, False)
+                    for h in range(kv_heads):
+                        k[b, h, i] = ref.rotate(k[b, h, i], angles, False)
+        key_all = np.concatenate([feeds["past_key"], k], axis=2)
+        value_all = np.concatenate([feeds["past_value"], v], axis=2)
+        if kind == "nsa":
+            gates = [
+                np.broadcast_to(w[n][None, :, None], (batch, heads, length))
+                for n in ("gate_coarse", "gate_fine", "gate_window")
+            ]
+            mixed, found = ref.native_sparse_attention(
+                q, key_all, value_all, mask, gates, 4, 2, 3, 3, DIM**-0.5, selection == "group"
+            )
+        else:
+            mixed, found = ref.sparse_routed_attention(
+                q,
+                key_all,
+                value_all,
+                mask,
+                positions,
+                inv_freq,
+                4,
+                2,
+                DIM**-0.5,
+                False,
+                selection == "group",
+            )
+        if found >= MARGIN:
+            break
+    else:
+        raise AssertionError("no seed gives selections clear of fp32 rounding")
+    expected = merge_heads_ref(mixed) @ w["o_weight"]
+
+    def body(g, x):
+        weights = {name: g.initializer(f"layer.{name}", value) for name, value in w.items()}
+        output, present_key, present_value = sparse_attention_block(
+            g,
+            x["x"],
+            weights,
+            kind="native_sparse" if kind == "nsa" else "sparse_routed",
+            attention_mask_BT=x["attention_mask"],
+            past_key_BKPD=x["past_key"],
+            past_value_BKPD=x["past_value"],
+            num_heads=heads,
+            kv_heads=kv_heads,
+            head_dim=DIM,
+            block_size=4,
+            top_blocks=2,
+            top_tokens=3,
+            window=3,
+            selection=selection,
+            cos_sin=(x["cos"], x["sin"]),
+            rotary_dim=2 * ROTARY_HALF,
+            name="layers.0/attn",
+        )
+        return {"output": (output, 3), "present_key": present_key, "present_value": present_value}
+
+    proto = build(body, feeds)
+    model = ir.serde.deserialize_model(proto)
+    compile_model(model, CompileOptions("portable"))
+    portable = ir.serde.serialize_model(model)
+    from_ort, from_interpreter = run_both(proto, feeds)
+    for label, results in (
+        ("onnxruntime", from_ort),
+        ("interpreter", from_interpreter),
+        ("portable", ort_run(portable, feeds)),
+    ):
+        real = mask[:, -length:, None].astype(bool)
+        assert_close(np.where(real, results["output"], 0), np.where(real, expected, 0), 1e-4, label)
+        assert_close(results["present_key"], key_all, 1e-5, f"{label} present_key")
+
+
+@pytest.mark.parametrize(
+    "kind,rope,drop,message",
+    [
+        ("dense", "halves", None, "kind must be one of native_sparse, sparse_routed"),
+        ("sparse_routed", "none", None, "sparse routed attention needs RoPE"),
+        ("native_sparse", "halves", "gate_fine", r"needs weights \['gate_fine'\]"),
+    ],
+)
+def test_sparse_block_refuses(kind, rope, drop, message):
+    from graphattn.ops.sparse_attention import sparse_attention_block
+
+    g = GraphEmitter("errors")
+    f32 = ir.DataType.FLOAT
+    x = g.input("x", f32, ["b", "s", 8])
+    mask = g.input("mask", ir.DataType.INT64, ["b", "t"])
+    past = g.input("past", f32, ["b", 1, "p", 4])
+    cos = g.input("cos", f32, ["b", "s", 2])
+    roles = ["q_weight", "k_weight", "v_weight", "o_weight"]
+    roles += ["gate_coarse", "gate_fine", "gate_window"]
+    weights = {role: g.input(role, f32, None) for role in roles if role != drop}
+    with pytest.raises(ValueError, match=message):
+        sparse_attention_block(
+            g,
+            x,
+            weights,
+            kind=kind,
+            attention_mask_BT=mask,
+            past_key_BKPD=past,
+            past_value_BKPD=past,
+            num_heads=2,
+            kv_heads=1,
+            head_dim=4,
+            block_size=2,
+            top_blocks=1,
+            top_tokens=2,
+            window=2,
+            rope=rope,
+            cos_sin=None if rope == "none" else (cos, cos),
+            name="layers.0/attn",
+        )
