@@ -246,7 +246,25 @@ def check_latent_cache(tmp_path, config: dict, exports: dict, prompts=families.P
 # ---------------------------------------------------------------------------------- tests
 def test_deepseek_v3_matches_transformers_on_every_target(tmp_path, monkeypatch):
     assert numpy_forward.knows(V3)
-    check(tmp_path, monkeypatch, V3)
+    exports = check(tmp_path, monkeypatch, V3)
+    # graphattn.runtime's plain and bound caches over the latent tensors generate HF's greedy
+    # tokens (the 5 the checked run fed: its routing margins are asserted; the top-2 logit
+    # gaps too); the shared cache (GQA graphs only) is refused by name
+    from graphattn.runtime.generate import Generator
+
+    model, _ = seeded_model(V3, decided_seed(V3))
+    ids, mask = families.left_padded(families.PROMPTS)
+    logits, fed = families.hf_steps(model, ids, mask, 4)
+    gaps = [np.diff(np.sort(step[:, -1], -1)[:, -2:], axis=-1).min() for step in logits]
+    assert min(gaps) > MARGIN, f"greedy top-2 logit gap {min(gaps):.3g}"
+    expected = np.concatenate(fed, axis=1).tolist()
+    for target in ("portable", "ort"):
+        for cache in ("plain", "bound"):
+            generator = Generator(exports[target], cache=cache)
+            out = generator.generate(families.PROMPTS, max_new_tokens=5, use_eos=False)
+            assert [o.token_ids for o in out] == expected, (target, cache)
+        with pytest.raises(ValueError, match="shared"):
+            Generator(exports[target], cache="shared")
 
 
 def test_deepseek_v3_yarn_split_halves_and_precisions(tmp_path, monkeypatch):
