@@ -263,6 +263,8 @@ def test_deepseek_v3_matches_transformers_on_every_target(tmp_path, monkeypatch)
             generator = Generator(exports[target], cache=cache)
             out = generator.generate(families.PROMPTS, max_new_tokens=5, use_eos=False)
             assert [o.token_ids for o in out] == expected, (target, cache)
+        # fp32 latent 32 + rope key 8 per layer: 160 bytes, not 4 heads × (24 + 16) × 4 = 640
+        assert generator.model.cache_bytes_per_token == V3["num_hidden_layers"] * (32 + 8) * 4
         with pytest.raises(ValueError, match="shared"):
             Generator(exports[target], cache="shared")
 
