@@ -178,6 +178,7 @@ NSA_CASES = [
     (1, 4, 4, 3, 20, 5, 1, 8, 2, ()),  # MHA, one block, several queries after a past
     (2, 4, 2, 1, 6, 2, 10, 50, 40, (2, 0)),  # c, f, W beyond what exists: take everything
     (1, 4, 2, 1, 0, 3, 2, 2, 2, ()),  # a single token
+    (2, 4, 2, 4, 7, 3, 2, 3, 3, (2, 5)),  # a chunk after a past, both rows padded
 ]
 
 
@@ -286,6 +287,7 @@ ROUTED_CASES = [
     (2, 4, 2, 1, 19, 4, 3, False, (0, 6)),
     (1, 4, 4, 2, 11, 5, 1, True, ()),
     (2, 4, 2, 1, 5, 2, 9, False, (1, 0)),  # k beyond the segments: every segment
+    (2, 4, 2, 3, 8, 3, 2, True, (4, 1)),  # a chunk after a past, both rows padded
 ]
 
 
