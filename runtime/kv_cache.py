@@ -152,11 +152,17 @@ class BoundCache(_Cache):
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         io = self._bind_tokens(input_ids, attention_mask, position_ids)
+        shapes: dict[tuple, tuple[list[int], list[int]]] = {}
         for tensors, buffers in zip(self.model.cache_layout, self.buffers):
             read, write = buffers[self.turn], buffers[1 - self.turn]
             for part, t in enumerate(tensors):
-                past_shape = list(t.shape(batch, self.length))
-                present_shape = list(t.shape(batch, self.length + new))
+                layout = (t.dims, t.batch_axis, t.time_axis)
+                if layout not in shapes:  # layers of one layout share their shapes
+                    shapes[layout] = (
+                        list(t.shape(batch, self.length)),
+                        list(t.shape(batch, self.length + new)),
+                    )
+                past_shape, present_shape = shapes[layout]
                 io.bind_input(t.past, device, 0, t.dtype, past_shape, read[part].data_ptr())
                 io.bind_output(t.present, device, 0, t.dtype, present_shape, write[part].data_ptr())
         self.model.session.run_with_iobinding(io)
