@@ -4,6 +4,7 @@ Needs only onnxruntime, numpy, tokenizers and jinja2 — never the builder — s
 how any app drives our graphs.
 """
 
+from graphattn.runtime.cache_layout import CacheTensor
 from graphattn.runtime.config import DecoderConfig, ModelLoadError
 from graphattn.runtime.generate import Generation, Generator, Timings
 from graphattn.runtime.kv_cache import BoundCache, ContextLengthError, PlainCache
@@ -13,6 +14,7 @@ from graphattn.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 __all__ = [
     "BoundCache",
+    "CacheTensor",
     "ContextLengthError",
     "DecoderConfig",
     "Generation",
