@@ -141,6 +141,20 @@ class BoundCache(_Cache):
         self._allocate(batch, copies=2)
         self.binding = self.model.session.io_binding()
         self.turn, self.length, self.batch = 0, 0, batch
+        # per layer and tensor: (past name, present name, dtype, index into _layouts), so a
+        # step computes each distinct shape once
+        layouts: dict[tuple, int] = {}
+        self._layouts: list = []
+        self._plan = []
+        for tensors in self.model.cache_layout:
+            steps = []
+            for t in tensors:
+                key = (t.dims, t.batch_axis, t.time_axis)
+                if key not in layouts:
+                    layouts[key] = len(self._layouts)
+                    self._layouts.append(t)
+                steps.append((t.past, t.present, t.dtype, layouts[key]))
+            self._plan.append(steps)
 
     def _run(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         """One graph call over new tokens ``[B, S]``; returns its logits, extends the cache.
@@ -152,19 +166,17 @@ class BoundCache(_Cache):
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         io = self._bind_tokens(input_ids, attention_mask, position_ids)
-        shapes: dict[tuple, tuple[list[int], list[int]]] = {}
-        for tensors, buffers in zip(self.model.cache_layout, self.buffers):
+        length = self.length
+        shapes = [  # per distinct layout: (past shape, present shape)
+            (list(t.shape(batch, length)), list(t.shape(batch, length + new)))
+            for t in self._layouts
+        ]
+        for steps, buffers in zip(self._plan, self.buffers):
             read, write = buffers[self.turn], buffers[1 - self.turn]
-            for part, t in enumerate(tensors):
-                layout = (t.dims, t.batch_axis, t.time_axis)
-                if layout not in shapes:  # layers of one layout share their shapes
-                    shapes[layout] = (
-                        list(t.shape(batch, self.length)),
-                        list(t.shape(batch, self.length + new)),
-                    )
-                past_shape, present_shape = shapes[layout]
-                io.bind_input(t.past, device, 0, t.dtype, past_shape, read[part].data_ptr())
-                io.bind_output(t.present, device, 0, t.dtype, present_shape, write[part].data_ptr())
+            for part, (past, present, dtype, which) in enumerate(steps):
+                past_shape, present_shape = shapes[which]
+                io.bind_input(past, device, 0, dtype, past_shape, read[part].data_ptr())
+                io.bind_output(present, device, 0, dtype, present_shape, write[part].data_ptr())
         self.model.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         self.turn, self.length = 1 - self.turn, self.length + new
