@@ -127,12 +127,19 @@ def run_ort(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def lowered(w, spec, form, *, target, bits=None, dtype=np.float32, ort_version="1.32"):
+def lowered(
+    w, spec, form, *, target, bits=None, dtype=np.float32, ort_version="1.32", float_kernel=True
+):
     """The block graph lowered like compile_model does (MoE rule, portable, quantization),
     accuracy_level 0 (float activations) so int4/int8 differ from float only by the weights."""
     model = block_model(w, spec, form, dtype)
     decisions = lower_moe_blocks(
-        model, target=target, bits=bits, ort_version=ort_version, accuracy_level=0
+        model,
+        target=target,
+        bits=bits,
+        ort_version=ort_version,
+        accuracy_level=0,
+        float_kernel=float_kernel,
     )
     lower_portable(model)
     if bits is not None:
@@ -334,15 +341,17 @@ def tiny_moe_decoder(layers: int = 2):
 
 
 def test_decoder_targets_agree():
-    """layers.mlp dispatches kind moe to the block; functions, portable and ort (MoE kernel)
-    decoders give the same logits, and the ort graph records its MoE lowering per layer."""
+    """layers.mlp dispatches kind moe to the block; functions, portable, ort (fp32: portable
+    experts, the measured default) and ort with moe_kernel='always' (com.microsoft MoE) give
+    the same logits, and the ort graphs record their MoE lowering per layer."""
     cfg, tensors = tiny_moe_decoder()
     ids = np.array([[3, 17, 5, 42, 8]], np.int64)
     results = {}
-    for target in ("functions", "portable", "ort"):
+    for target in ("functions", "portable", "ort", "ort-kernel"):
         model = build_decoder(cfg, tensors)
         if target != "functions":
-            compile_model(model, CompileOptions(target=target))
+            kernel = "always" if target == "ort-kernel" else "measured"
+            compile_model(model, CompileOptions(target=target.split("-")[0], moe_kernel=kernel))
         proto = ir.serde.serialize_model(model)
         session = ort.InferenceSession(
             proto.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -357,9 +366,12 @@ def test_decoder_targets_agree():
             if inp.name.startswith("past_key_values."):
                 feeds[inp.name] = np.zeros((1, 2, 0, 8), np.float32)
         results[target] = session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
-        if target == "ort":
+        if target.startswith("ort"):
             decisions = json.loads(model.metadata_props[MOE_LOWERING_KEY])
-            assert [d["kernel"] for d in decisions] == ["MoE", "MoE"]
-            assert any(n.op_type == "MoE" for n in model.graph)
-    for target in ("portable", "ort"):
+            kernel = "MoE" if target == "ort-kernel" else "portable"
+            assert [d["kernel"] for d in decisions] == [kernel, kernel]
+            assert any(n.op_type == "MoE" for n in model.graph) == (kernel == "MoE")
+            if kernel == "portable":  # fp32: the measured choice, said so per layer
+                assert all("measured slower" in d["reasons"]["MoE"] for d in decisions)
+    for target in ("portable", "ort", "ort-kernel"):
         assert_close(results[target], results["functions"].astype(np.float64), 1e-4, target)

@@ -13,6 +13,8 @@ router bias is added to the logits before it, ``scaling`` multiplies its output,
 expert (and its sigmoid gate) is computed beside it. GPT-OSS's clamped SwiGLU is the kernel's
 ``swiglu_limit`` / ``activation_alpha`` / ``activation_beta = 1``.
 
+By measurement (see ``FLOAT_KERNEL_DECLINED``) int4/int8 blocks take QMoE and float blocks keep
+the routed portable experts unless ``float_kernel`` (``CompileOptions(moe_kernel="always")``).
 The kernel is declined (the block stays portable), with the reason recorded per layer in
 ``graphattn.moe_lowering`` (JSON metadata), for: sigmoid scores, group-limited selection, a
 score bias (selection ≠ weighting), an activation other than SiLU / clamped SwiGLU, and for
@@ -41,6 +43,15 @@ MOE_SINCE = "1.30"
 # its kernel checks block-wise scales/zero points against the wrong widths (fc2 scales
 # expected [E, C, hidden/block], zero points [E, N·bits/8]); 1.32 runs them. 1.31 not checked.
 QMOE_SINCE = "1.32"
+# Measured (benchmarks/moe.py, 8 experts top-2, hidden 1024, expert 2816, 8 layers, 2 cores):
+# the float MoE kernel lost to the routed portable experts in the same ort graph (prefill
+# 175 vs 538 tok/s, decode 21.9 vs 25.2 in the least loaded round), while QMoE beat the
+# MatMulNBits experts (prefill 391 vs 196, decode 41.1 vs 26.8): int4/int8 take QMoE, float
+# keeps the portable experts unless asked (``float_kernel``, CompileOptions.moe_kernel).
+FLOAT_KERNEL_DECLINED = (
+    "measured slower than the routed portable experts at fp32 (benchmarks/moe.py: prefill"
+    " 0.33x, decode 0.87x); moe_kernel='always' takes it"
+)
 
 
 def why_not_kernel(
@@ -52,8 +63,10 @@ def why_not_kernel(
     width: int | None,
     block_size: int,
     dequantize_at_load: bool = False,
+    float_kernel: bool = False,
 ) -> str | None:
-    """Why ``com.microsoft.MoE``/``QMoE`` cannot compute this block, or None."""
+    """Why ``com.microsoft.MoE``/``QMoE`` cannot compute this block (or, for the float
+    kernel without ``float_kernel``, was measured slower), or None."""
     if attrs.scores != "softmax":
         return f"{attrs.scores} scores: the kernel softmaxes the router logits"
     if attrs.groups > 1:
@@ -62,6 +75,8 @@ def why_not_kernel(
         return "score bias: selection and weighting differ, the kernel has one router input"
     if not attrs.swiglu_limit and attrs.activation != "silu":
         return f"activation {attrs.activation}: the kernel's gated experts are SwiGLU only"
+    if bits is None and not float_kernel:
+        return FLOAT_KERNEL_DECLINED
     if parse_version(ort_version) < parse_version(MOE_SINCE):
         return f"onnxruntime {ort_version} predates the fused SwiGLU MoE kernel ({MOE_SINCE})"
     if bits is not None:
@@ -297,8 +312,10 @@ def lower_moe_blocks(
     ort_version: str = MOE_SINCE,
     dequantize_at_load: bool = False,
     prequantized=(),
+    float_kernel: bool = False,
 ) -> list[dict]:
-    """Lower every MoE block call (``ort``: MoE/QMoE where :func:`why_not_kernel` allows);
+    """Lower every MoE block call (``ort``: QMoE, and with ``float_kernel`` MoE, where
+    :func:`why_not_kernel` allows);
     the others stay calls (inlined later as portable ops). Records and returns the decisions
     ``{"layer", "kernel", "form", "reasons"}``."""
     graph, decisions = model.graph, []
@@ -326,6 +343,7 @@ def lower_moe_blocks(
             width=width,
             block_size=block_size,
             dequantize_at_load=dequantize_at_load,
+            float_kernel=float_kernel,
         )
         if reason is None and experts is None:
             reason = "expert weights are not constants"

@@ -54,8 +54,9 @@ class CompileOptions:
     (int4/int8 on portable or ort): store the weights as blocks rebuilt by Cast/Mul/Add nodes
     that onnxruntime constant-folds at load, so compute is float32 (no MatMulNBits,
     DequantizeLinear or GatherBlockQuantized; see ``load_time_dequant``). ``moe_kernel``
-    (ort): mixture-of-experts blocks as com.microsoft MoE/QMoE where they fit (see
-    ``compiler.moe``); False keeps their portable form."""
+    (ort): mixture-of-experts blocks as com.microsoft kernels where they fit and were
+    measured faster (``measured``: QMoE for int4/int8, the portable experts for float),
+    ``always`` (MoE/QMoE wherever they fit) or ``never`` (see ``compiler.moe``)."""
 
     target: str = "portable"
     precision: str = "fp32"
@@ -67,7 +68,7 @@ class CompileOptions:
     quantize_embeddings: bool = True
     ort_version: str = DEFAULT_ORT_VERSION
     dequantize_at_load: bool = False
-    moe_kernel: bool = True
+    moe_kernel: str = "measured"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ort_version", check_ort_version(self.ort_version))
@@ -77,6 +78,10 @@ class CompileOptions:
             raise ValueError(
                 "dequantize_at_load needs precision int4 or int8 and target portable or ort,"
                 f" got precision {self.precision!r}, target {self.target!r}"
+            )
+        if self.moe_kernel not in ("measured", "always", "never"):
+            raise ValueError(
+                f"moe_kernel must be measured, always or never, got {self.moe_kernel!r}"
             )
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
@@ -158,7 +163,7 @@ def compile_model(
     if options.target in ("portable", "ort"):
         lower_moe_blocks(
             model,
-            target=options.target if options.moe_kernel else "portable",
+            target="portable" if options.moe_kernel == "never" else options.target,
             bits=options.bits,
             block_size=options.block_size,
             symmetric=options.symmetric,
@@ -166,6 +171,7 @@ def compile_model(
             ort_version=options.ort_version,
             dequantize_at_load=options.dequantize_at_load,
             prequantized=prequantized or {},
+            float_kernel=options.moe_kernel == "always",
         )
         context = None
         if options.target == "ort" and options.grouped_query:
