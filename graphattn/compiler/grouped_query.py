@@ -268,5 +268,11 @@ def feed_packed_qkv(graph: ir.Graph) -> int:
 
 
 def shares_kv_buffer(model: ir.Model) -> bool:
-    """Whether the graph's attention can write its present into its past buffer."""
-    return any(n.op_type == "GroupQueryAttention" for n in model.graph)
+    """Whether the graph's attention can write its present into its past buffer: every
+    ``present.*`` output comes from GroupQueryAttention (a layer left to Attention, or a
+    sparse layer, concatenates its past and cannot read a buffer of the cache's capacity)."""
+    presents = [v for v in model.graph.outputs if (v.name or "").startswith("present.")]
+    producers = [v.producer() for v in presents]
+    return bool(presents) and all(
+        p is not None and p.op_type == "GroupQueryAttention" for p in producers
+    )
