@@ -13,7 +13,11 @@ carry exactly those names (transformers.js builds its empty cache from them and 
 ``batch_size``).
 
 Shared per graph: one attention bias per distinct (causal, window) and one cos/sin pair per
-distinct RoPE (Gemma 3's local and global layers rotate with different bases).
+distinct RoPE (Gemma 3's local and global layers rotate with different bases). Sparse layers
+(:class:`~graphattn.spec.SparseSpec`) read ``attention_mask`` instead of a bias; a
+``sparse_routed`` layer also reads the RoPE tables of *every* slot ``[B, T, R]``, at the
+positions ``cumsum(attention_mask) - 1`` (the rule ``position_ids`` follow; pads 0), since
+it rotates the cached keys it gathers at their own positions.
 """
 
 from __future__ import annotations
@@ -69,11 +73,15 @@ def build_decoder(
         hidden = norm(g, cfg.embedding_norm, hidden, w, "embed_norm", "embed_norm", cfg.hidden_size)
     biases: dict[tuple, ir.Value] = {}
     rotations: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+    every_slot: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+    positions_all = None
     presents = []
     for i, layer in enumerate(cfg.layers):
         spec = layer.attention
         mask_key = (spec.causal, spec.window, spec.alibi_slopes)
-        if mask_key not in biases:
+        if spec.sparse is not None:
+            mask_key = None
+        elif mask_key not in biases:
             suffix = "" if not biases else f"_{len(biases)}"
             bias = ops.attention_bias(
                 g,
@@ -90,15 +98,28 @@ def build_decoder(
                 alibi = ops.alibi_bias(g, attention_mask, slopes, name=f"alibi{suffix}")
                 bias = g.op("Add", [bias, alibi], name=f"alibi{suffix}/with_mask")
             biases[mask_key] = bias
-        cos_sin = None
-        if spec.rope is not None:
+        cos_sin = cos_sin_all = None
+        routed = spec.sparse is not None and spec.sparse.kind == "sparse_routed"
+        if routed:
+            if positions_all is None:  # the mask as the "input_ids": positions of all T slots
+                positions_all = ops.position_ids_from_mask(
+                    g, attention_mask, attention_mask, name="positions_all"
+                )
+            if spec.rope.key not in every_slot:
+                suffix = "" if not every_slot else f"_{len(every_slot)}"
+                every_slot[spec.rope.key] = rope_cos_sin(
+                    g, positions_all, spec.rope, name=f"rotary_all{suffix}"
+                )
+            cos_sin_all = every_slot[spec.rope.key]
+        elif spec.rope is not None:
             if spec.rope.key not in rotations:
                 suffix = "" if not rotations else f"_{len(rotations)}"
                 rotations[spec.rope.key] = rope_cos_sin(
                     g, position_ids, spec.rope, name=f"rotary{suffix}"
                 )
             cos_sin = rotations[spec.rope.key]
-        io = LayerInputs(biases[mask_key], cos_sin, pasts[i])
+        bias = None if mask_key is None else biases[mask_key]
+        io = LayerInputs(bias, cos_sin, pasts[i], attention_mask, cos_sin_all)
         hidden, layer_presents = decoder_layer(g, layer, hidden, w, i, io, cfg.hidden_size)
         presents.append(layer_presents)
 

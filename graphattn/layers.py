@@ -6,7 +6,11 @@ Weight roles (per layer ``layers.{i}.``): ``attn_norm``, ``post_attn_norm``, ``m
 ``post_mlp_norm`` (``.weight`` / ``.bias``); ``q``, ``k``, ``v``, ``o`` (``.weight [in, out]``,
 ``.bias``); ``q_norm``, ``k_norm`` (``.weight``, ``.bias``); ``mlp.gate_weight``,
 ``mlp.up_weight``, ``mlp.down_weight`` (gated) or ``mlp.fc_weight``, ``mlp.proj_weight``
-(plain), each with an optional ``..._bias``.
+(plain), each with an optional ``..._bias``. A ``native_sparse`` layer
+(:class:`~graphattn.spec.SparseSpec`, :mod:`graphattn.ops.sparse_block`) also has its gates:
+``gate_coarse``, ``gate_fine``, ``gate_window`` (``[num_heads]`` logits, gates ``head``) or
+``gate.weight [hidden, 3·num_heads]`` (+ ``gate.bias``; gates ``token``, columns coarse |
+fine | window); a ``sparse_routed`` layer has no extra weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from graphattn.ops.attention import Softcap
 from graphattn.ops.attention_block import self_attention_block
 from graphattn.ops.mla import expand_threshold, latent_attention_block
 from graphattn.ops.moe import moe_block
+from graphattn.ops.sparse_block import HEAD_GATES, sparse_attention_block
 from graphattn.spec import AttentionSpec, LayerSpec, MlpSpec, NormSpec
 
 
@@ -61,14 +66,18 @@ class Weights:
 
 @dataclass(frozen=True)
 class LayerInputs:
-    """What every layer reads besides its weights: the attention bias per (causal, window),
-    the cos/sin per RoPE key, and this layer's past cache tensors in
-    :attr:`~graphattn.spec.AttentionSpec.cache` order (key/value ``[B, Hkv, P, D]``, or the
-    latent ``[B, P, kv_lora_rank]`` and rope key ``[B, P, qk_rope_head_dim]``)."""
+    """What every layer reads besides its weights: the attention bias per (causal, window)
+    (None for sparse layers, which read the mask), the cos/sin per RoPE key, and this layer's
+    past cache tensors in :attr:`~graphattn.spec.AttentionSpec.cache` order (key/value ``[B,
+    Hkv, P, D]``, or the latent ``[B, P, kv_lora_rank]`` and rope key ``[B, P,
+    qk_rope_head_dim]``). Sparse layers also read ``attention_mask [B, T]`` and (routed)
+    ``cos_sin_all [B, T, R]``: the RoPE tables of every slot, past and new."""
 
-    bias: ir.Value
+    bias: ir.Value | None
     cos_sin: tuple[ir.Value, ir.Value] | None
     pasts: tuple[ir.Value, ...]
+    attention_mask: ir.Value | None = None
+    cos_sin_all: tuple[ir.Value, ir.Value] | None = None
 
 
 def scaled(g: GraphEmitter, w: Weights, x: ir.Value, factor: float | None, name: str):
@@ -113,6 +122,8 @@ def attention(
     in ``spec.cache`` order."""
     if spec.latent is not None:
         return latent_attention(g, spec, x, w, prefix, io, scope)
+    if spec.sparse is not None:
+        return sparse_attention(g, spec, x, w, prefix, io, scope)
     weights = {}
     for part in ("q", "k", "v", "o", "q_norm", "k_norm"):
         for kind in ("weight", "bias"):
@@ -194,6 +205,59 @@ def latent_attention(
         expand_from=0
         if lat.form != "absorbed"
         else expand_threshold(lat.kv_lora_rank, lat.qk_nope_head_dim, lat.v_head_dim),
+        name=f"{scope}/attn",
+    )
+
+
+def sparse_attention(
+    g: GraphEmitter,
+    spec: AttentionSpec,
+    x: ir.Value,
+    w: Weights,
+    prefix: str,
+    io: LayerInputs,
+    scope: str,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Native sparse or sparse routed attention (:mod:`graphattn.ops.sparse_block`):
+    ``(output [B, S, C], present_key, present_value [B, Hkv, T, D])``; a routed layer's
+    present key is before RoPE."""
+    sp = spec.sparse
+    weights = {}
+    for part in ("q", "k", "v", "o", "gate"):
+        for kind in ("weight", "bias"):
+            if f"{prefix}{part}.{kind}" in w:
+                weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    for role in HEAD_GATES:
+        if f"{prefix}{role}" in w:
+            weights[role] = w[f"{prefix}{role}"]
+    if io.attention_mask is None:
+        raise ValueError(f"{prefix}: sparse attention needs the attention_mask")
+    routed = sp.kind == "sparse_routed"
+    cos_sin = io.cos_sin_all if routed else io.cos_sin
+    if spec.rope is not None and cos_sin is None:
+        raise ValueError(f"{prefix}: {sp.kind} attention needs its RoPE tables")
+    rope = spec.rope
+    return sparse_attention_block(
+        g,
+        x,
+        weights,
+        kind=sp.kind,
+        attention_mask_BT=io.attention_mask,
+        past_key_BKPD=io.pasts[0],
+        past_value_BKPD=io.pasts[1],
+        num_heads=spec.num_heads,
+        kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        block_size=sp.block_size,
+        top_blocks=sp.top_blocks,
+        top_tokens=sp.top_tokens,
+        window=sp.window,
+        selection=sp.selection,
+        gates=sp.gates,
+        scale=spec.effective_scale,
+        rope="none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
+        cos_sin=cos_sin if rope is not None else None,
+        rotary_dim=0 if rope is None else rope.rotary_dim,
         name=f"{scope}/attn",
     )
 

@@ -40,6 +40,10 @@ LATENT_FORMS = ("absorbed", "expanded")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 RESIDUALS = ("sequential", "parallel")
 QK_NORM_SCOPES = ("head", "full")
+# Sparse attention kinds of a layer (graphattn.ops.sparse_attention), and their options.
+SPARSE_KINDS = ("native_sparse", "sparse_routed")
+SPARSE_SELECTIONS = ("head", "group")
+SPARSE_GATES = ("head", "token")
 
 
 def _positive_int(owner: str, name: str, value: object) -> None:
@@ -135,6 +139,47 @@ class LatentSpec:
 
 
 @dataclass(frozen=True)
+class SparseSpec:
+    """Sparse attention of one layer (:mod:`graphattn.ops.sparse_attention`).
+
+    ``native_sparse`` (NSA): coarse blocks of ``block_size`` keys (the ``top_blocks`` best
+    by the query's score against each block's mean key, attended at full resolution), the
+    ``top_tokens`` best single keys, and a causal ``window`` of the last W keys, mixed by
+    sigmoid gates: ``gates`` ``head`` (learned logits ``[num_heads]`` per path) or ``token``
+    (a gate projection ``x W_gate [B, S, 3·num_heads]``, rows coarse | fine | window).
+    Queries and keys are rotated as in a dense layer; the cache holds rotated keys.
+
+    ``sparse_routed``: segments of ``block_size`` keys, the ``top_blocks`` (top-k) segments
+    by cosine similarity of the query to each segment's centroid, attention over them with
+    RoPE applied to the query and to every gathered key at its own position: the cache holds
+    keys *before* RoPE (``top_tokens``, ``window`` and ``gates`` do not apply).
+
+    ``selection``: ``head`` (each query head chooses) or ``group`` (the query heads of one
+    KV head share the choice, ranked by their summed scores)."""
+
+    kind: str
+    block_size: int
+    top_blocks: int
+    top_tokens: int = 0
+    window: int = 0
+    selection: str = "head"
+    gates: str = "head"
+
+    def __post_init__(self) -> None:
+        _choice("sparse attention", "kind", self.kind, SPARSE_KINDS)
+        owner = self.kind.replace("_", " ") + " attention"
+        _positive_int(owner, "block_size", self.block_size)
+        _positive_int(owner, "top_blocks", self.top_blocks)
+        _choice(owner, "selection", self.selection, SPARSE_SELECTIONS)
+        if self.kind == "native_sparse":
+            _positive_int(owner, "top_tokens", self.top_tokens)
+            _positive_int(owner, "window", self.window)
+            _choice(owner, "gates", self.gates, SPARSE_GATES)
+        elif self.top_tokens or self.window or self.gates != "head":
+            raise ValueError(f"{owner} has no top_tokens, window or gates")
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     """Self-attention of one layer.
 
@@ -146,7 +191,9 @@ class AttentionSpec:
     ``alibi_slopes``: ALiBi, one slope per query head (Bloom, MPT, Falcon): the scores get
     ``slope_h · (key position among the row's real tokens)`` added (after ``scale``; a family
     whose bias is scaled too folds that into its slopes); ``causal``: decoders are.
-    Projection biases exist where the weight plan has them."""
+    ``sparse``: the layer is native sparse or sparse routed attention (:class:`SparseSpec`;
+    causal, RoPE or none for NSA, RoPE required for routed; no window, softcap, ALiBi, sinks,
+    qk-norm, clip or latent). Projection biases exist where the weight plan has them."""
 
     num_heads: int
     kv_heads: int
@@ -162,6 +209,7 @@ class AttentionSpec:
     causal: bool = True
     sinks: bool = False
     latent: LatentSpec | None = None
+    sparse: SparseSpec | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "kv_heads", "head_dim"):
@@ -189,6 +237,8 @@ class AttentionSpec:
                     f" {len(self.alibi_slopes)}"
                 )
 
+        if self.sparse is not None:
+            self._check_sparse()
         if self.latent is not None:
             width = self.latent.qk_nope_head_dim + self.latent.qk_rope_head_dim
             if self.head_dim != width:
@@ -202,6 +252,24 @@ class AttentionSpec:
                     f" channels, rope says {self.rope.rotary_dim}"
                 )
 
+    def _check_sparse(self) -> None:
+        owner = self.sparse.kind.replace("_", " ") + " attention"
+        conflicts = {
+            "sliding_window": self.window is not None,
+            "softcap": self.softcap is not None,
+            "qk_norm": self.qk_norm is not None,
+            "clip_qkv": self.clip_qkv is not None,
+            "alibi": self.alibi_slopes is not None,
+            "sinks": self.sinks,
+            "latent attention": self.latent is not None,
+            "non-causal attention": not self.causal,
+        }
+        for what, present in conflicts.items():
+            if present:
+                raise ValueError(f"{owner} cannot be combined with {what}")
+        if self.sparse.kind == "sparse_routed" and self.rope is None:
+            raise ValueError(f"{owner} needs RoPE (it rotates the gathered keys itself)")
+
     @property
     def effective_scale(self) -> float:
         """The score scale: ``scale``, else ``1/sqrt(head_dim)``."""
@@ -211,7 +279,8 @@ class AttentionSpec:
     def cache(self) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
         """This layer's cache tensors: ``(name, dims)`` with ``PAST`` as the time axis, named
         ``past_key_values.{i}.<name>`` / ``present.{i}.<name>`` (``PAST`` → ``TOTAL``).
-        Ordinary attention: ``key``, ``value [batch_size, kv_heads, T, head_dim]``; latent
+        Ordinary and sparse attention: ``key``, ``value [batch_size, kv_heads, T, head_dim]``
+        (a ``sparse_routed`` layer's ``key`` holds keys before RoPE); latent
         attention: ``latent [batch_size, T, kv_lora_rank]`` and ``rope_key [batch_size, T,
         qk_rope_head_dim]``."""
         if self.latent is not None:

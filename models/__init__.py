@@ -39,6 +39,7 @@ from graphattn.models import (
     stablelm,
     starcoder2,
 )
+from graphattn.models.sparse_section import refuse_unread
 from graphattn.spec import Architecture, GGUFSpec
 
 REGISTRY: dict[str, Architecture] = {
@@ -98,6 +99,7 @@ def architecture_for(config: Mapping[str, object]) -> Architecture:
             f"config.json architectures {unknown} are not supported for model_type {model_type!r}"
             f" (supported: {', '.join(architecture.hf_architectures)})"
         )
+    refuse_unread(config, architecture.name)  # a graphattn section only Llama-likes read
     return architecture
 
 

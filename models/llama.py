@@ -3,8 +3,10 @@
 RMSNorm, split-halves RoPE (every scaling type, partial via ``partial_rotary_factor``),
 GQA/MQA, SwiGLU, q/k/v(/o) biases where the checkpoint has them, ``head_dim`` that may differ
 from hidden/heads, tied or untied lm_head, sliding windows per layer (``layer_types``; Mistral's
-``sliding_window`` on every layer). Torch Linear weights ``[out, in]`` are transposed to
-``[in, out]`` at export time.
+``sliding_window`` on every layer), native sparse or sparse routed attention per layer from a
+``graphattn`` section (:mod:`graphattn.models.sparse_section`, gate tensors
+``model.layers.{i}.self_attn.gate_coarse`` ...). Torch Linear weights ``[out, in]`` are
+transposed to ``[in, out]`` at export time.
 
 The pieces here (:func:`dims`, :func:`model_config`, :func:`layer_weights`, ...) are what the
 other Llama-shaped families (Qwen3, Gemma, OLMo 2, ...) compose.
@@ -33,6 +35,7 @@ from graphattn.models.common import (
     tied_head,
     token_ids,
 )
+from graphattn.models.sparse_section import gate_weights, with_sparse_layers
 from graphattn.spec import (
     Architecture,
     AttentionSpec,
@@ -130,7 +133,7 @@ def config_from_hf(config: Mapping[str, object]) -> ModelConfig:
         )
         for kind in layer_types(config, d.layers, default_type)
     ]
-    return model_config(config, model_type, layers, norm)
+    return model_config(config, model_type, with_sparse_layers(config, layers), norm)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -211,6 +214,7 @@ def weights(cfg: ModelConfig) -> dict[str, WeightSource]:
     plan = model_weights(cfg)
     for i in range(cfg.num_layers):
         layer_weights(plan, cfg, i)
+        gate_weights(plan, cfg, i)
     return plan
 
 

@@ -8,7 +8,9 @@ onnxscript's rewriter does with ``MatchResult.fail``) or emits the block's repla
 - ``GroupQueryAttention`` (target ``ort``, :mod:`graphattn.compiler.grouped_query`);
 - ``Attention`` (opset 23 on ``[B, S, heads·D]``, :mod:`graphattn.compiler.attention3d`);
 - otherwise the block stays a call and is inlined: its body's small functions are then
-  lowered one by one (``decomposed``).
+  lowered one by one (``decomposed``). Sparse attention blocks (:mod:`graphattn.ops.
+  sparse_block`: native sparse, sparse routed) always are: every rule declines them with
+  the reason :data:`graphattn.ops.sparse_block.DECLINED` gives (no kernel selects by TopK).
 
 Every decision is kept, per layer, in the model's metadata (``graphattn.lowering``, JSON) so
 ``graphattn inspect --explain`` can show which kernel each block became and why.
@@ -26,6 +28,7 @@ import onnx_ir as ir
 from graphattn.compiler.rewrite import add_initializer, take_over
 from graphattn.ops.attention_block import BlockAttributes, is_block
 from graphattn.ops.mla import LatentAttributes, is_latent_block
+from graphattn.ops.sparse_block import DECLINED, sparse_kind
 from graphattn.spec import LOWERING_KEY
 
 
@@ -195,6 +198,12 @@ def lower_blocks(ctx: Context, rules: Sequence[Rule]) -> list[dict]:
     decisions = []
     latent_kernels = {rule.kernel for rule in rules if rule.latent}
     for node in list(ctx.graph):
+        sparse = sparse_kind(node)
+        if sparse is not None:  # no kernel: every rule declines, the block is inlined
+            reasons = {rule.kernel: DECLINED[sparse] for rule in rules if not rule.latent}
+            layer = (node.name or "attn").split("/")[0]
+            decisions.append({"layer": layer, "kernel": "decomposed", "reasons": reasons})
+            continue
         if not (is_block(node) or is_latent_block(node)):
             continue
         block = Block.of(node)

@@ -28,6 +28,7 @@ from graphattn.compiler.grouped_query import GROUPED_QUERY_RULE
 from graphattn.compiler.latent import GROUPED, INLINED_PREFIX, LATENT_RULE, keep_grouped
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
+from graphattn.ops.sparse_block import PREFIXES as SPARSE_PREFIXES
 
 
 def _rotary_dim(node: ir.Node) -> int:
@@ -137,7 +138,8 @@ def lower_attention_blocks(
         with _scoped_inline_names():
             common.InlinePass(
                 criteria=lambda f: (
-                    f.domain == DOMAIN and f.name.startswith(("SelfAttention", INLINED_PREFIX))
+                    f.domain == DOMAIN
+                    and f.name.startswith(("SelfAttention", INLINED_PREFIX, *SPARSE_PREFIXES))
                 )
             )(model)
         keep_grouped(graph, ctx)
