@@ -322,3 +322,66 @@ def test_transformersjs_layout_refuses_latent_caches(decoder):
         check_supported(SimpleNamespace(latent=False), proto)
     with pytest.raises(ValueError, match="transformers.js feeds only past_key_values"):
         check_supported(SimpleNamespace(latent=True))
+
+
+DEEPSEEK_V2 = {  # tiny DeepSeek-V2: low-rank query, MLA cache of 32 + 8 values per token
+    "model_type": "deepseek_v2",
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 80,
+    "moe_intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 2,  # dense MLPs: no routing near-ties to control here
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def deepseek_export(tmp_path_factory):
+    import families
+
+    from graphattn import export
+
+    root = tmp_path_factory.mktemp("deepseek-runtime")
+    families.hf_model(DEEPSEEK_V2).save_pretrained(root / "hf", safe_serialization=True)
+    export(root / "hf", root / "portable", target="portable")
+    return root / "portable"
+
+
+def test_generator_on_a_latent_cache_export(deepseek_export):
+    from decoder_runner import Decoder
+
+    model = ModelSession(deepseek_export, provider="cpu")
+    assert [[(t.name, t.dims, t.time_axis) for t in layer] for layer in model.cache_layout] == [
+        [("latent", (None, None, 32), 1), ("rope_key", (None, None, 8), 1)]
+    ] * 2
+    assert model.cache_bytes_per_token == 2 * (32 + 8) * 4 and not model.shares_kv_buffer
+    prompts = [[5, 17, 42, 8, 11], [40, 41], [7, 3, 90]]
+    decoder, expected = Decoder(deepseek_export), []
+    for prompt in prompts:  # greedy by re-running the whole text, every choice decided
+        ids = list(prompt)
+        for _ in range(4):
+            array = np.array([ids])
+            last = decoder(array, np.ones_like(array))[0][0, -1].astype(np.float64)
+            top2 = np.sort(last)[-2:]
+            assert top2[1] - top2[0] > 1e-3, "near-tie: pick other prompts"
+            ids.append(int(last.argmax()))
+        expected.append(ids[len(prompt) :])
+    for cache in ("plain", "bound"):
+        generator = Generator(model, cache=cache, max_length=16)
+        batch = generator.generate(prompts, max_new_tokens=4, use_eos=False)
+        assert [r.token_ids for r in batch] == expected, cache
