@@ -14,8 +14,9 @@ Checks, on ``functions``, ``portable`` and ``ort`` in onnxruntime (and the NumPy
 on ``functions``): one pass over a left-padded batch of three rows ≤ ``ATOL`` against NumPy
 on the real positions; prefill N, a 2-token chunk, then single-token decodes with the
 returned cache equal the one pass over N + K; each row alone equals its row in the batch;
-the lowering metadata says why no kernel took the sparse layers; bad sections are refused by
-name.
+the lowering metadata says why no kernel took the sparse layers; the runtime's Generator
+(bound and plain caches) continues a left-padded batch with NumPy's greedy tokens; bad
+sections are refused by name.
 """
 
 from __future__ import annotations
@@ -391,3 +392,25 @@ def test_section_is_read_by_llama_likes_and_refused_elsewhere():
     qwen3 = {**CONFIG, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
     with pytest.raises(ValueError, match="config.json graphattn: .* not 'qwen3'"):
         architecture_for(qwen3)
+
+
+def numpy_greedy(weights, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens by the float64 forward; each step's top-2 gap is asserted >= MARGIN."""
+    ids = list(prompt)
+    for _ in range(steps):
+        row = np.array([ids])
+        logits = numpy_forward(weights, row, np.ones_like(row))[0][0, -1]
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] >= MARGIN, f"near-tie after {ids}"
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("cache", ["bound", "plain"])
+def test_runtime_continues_each_row_as_numpy(exported, cache):
+    from graphattn.runtime import Generator
+
+    generator = Generator(exported["exports"]["ort"], cache=cache, max_length=32)
+    batch = generator.generate(PROMPTS, max_new_tokens=4, use_eos=False)
+    expected = [numpy_greedy(exported["weights"], prompt, 4) for prompt in PROMPTS]
+    assert [result.token_ids for result in batch] == expected
