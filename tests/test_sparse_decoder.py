@@ -414,3 +414,22 @@ def test_runtime_continues_each_row_as_numpy(exported, cache):
     batch = generator.generate(PROMPTS, max_new_tokens=4, use_eos=False)
     expected = [numpy_greedy(exported["weights"], prompt, 4) for prompt in PROMPTS]
     assert [result.token_ids for result in batch] == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "precision", "floor"), [("ort", "fp16", 0.999), ("portable", "int4", 0.8)]
+)
+def test_sparse_decoder_precisions(exported, target, precision, floor):
+    """fp16 (cache and logits too) and int4 weights: finite logits correlated with NumPy's
+    (a scale-free floor, as tests/families.py's PRECISION_FLOORS)."""
+    out = exported["root"] / f"{target}-{precision}"
+    export(exported["root"] / "hf", out, target=target, precision=precision, last_logits_only=False)
+    ids, mask = left_padded(PROMPTS)
+    dtype = np.float16 if precision == "fp16" else np.float32
+    empty = np.zeros((len(PROMPTS), KV_HEADS, 0, HEAD_DIM), dtype)
+    logits, _ = Graph(out)(ids, mask, [(empty, empty)] * CONFIG["num_hidden_layers"])
+    mine = logits.astype(np.float64)[mask.astype(bool)]
+    theirs = exported["expected"][mask.astype(bool)]
+    assert np.isfinite(mine).all(), f"{target} {precision}: non-finite logits"
+    correlation = float(np.corrcoef(mine.ravel(), theirs.ravel())[0, 1])
+    assert correlation >= floor, f"{target} {precision}: correlation {correlation:.4f}"
