@@ -400,9 +400,7 @@ class _Body:
         mask = b.op(
             "Reshape", [mask, b.op("Shape", [choice], name="choice_shape")], name="expert_mask"
         )
-        keep_bool = b.op(
-            "Greater", [mask, self.const("half", np.array(0.5, np.float32))], name="expert_kept"
-        )
+        keep_bool = b.op("Cast", [mask], {"to": ir.DataType.BOOL}, name="expert_kept")  # 0/1
         minus_inf = b.op(
             "CastLike",
             [self.const("minus_inf", np.array(-np.inf, np.float32)), choice],

@@ -287,20 +287,31 @@ def test_integer_precisions(bits, target, form):
     assert drift < (0.25 if bits == 4 else 0.02), f"int{bits} drifts {drift:.3g} from fp32"
 
 
+FP16_CASES = {
+    "softmax_gated_shared": (
+        dict(num_experts=E, top_k=2, normalize=True),
+        dict(shared=True, shared_gate=True),
+    ),
+    "sigmoid_groups_score_bias": (CASES[2][1], CASES[2][2]),
+}
+
+
+@pytest.mark.parametrize("case", list(FP16_CASES))
 @pytest.mark.parametrize(
     "target,form", [("portable", "routed"), ("portable", "dense"), ("ort", "routed")]
 )
-def test_float16(target, form):
+def test_float16(case, target, form):
     """fp16 weights and activations: finite and within fp16 rounding of the fp32 reference
     (relative 1e-2 of the output scale: 11-bit mantissas through three matmuls)."""
-    spec = dict(num_experts=E, top_k=2, normalize=True)
-    w, x = robust_case(spec, dict(shared=True, shared_gate=True), 6, MARGIN_FP16)
+    spec, flags = FP16_CASES[case]
+    w, x = robust_case(spec, flags, 6, MARGIN_FP16)
     model, decisions = lowered(w, spec, form, target=target, dtype=np.float16)
-    assert decisions[0]["kernel"] == ("MoE" if target == "ort" else "portable")
+    kernel = "MoE" if target == "ort" and case.startswith("softmax") else "portable"
+    assert decisions[0]["kernel"] == kernel
     got = run_ort(model, x.astype(np.float16)).astype(np.float64)
     expected = moe_reference(x, w, spec)
     assert np.isfinite(got).all()
-    assert_close(got, expected, 1e-2 * np.abs(expected).max(), f"fp16 {target} {form}")
+    assert_close(got, expected, 1e-2 * np.abs(expected).max(), f"fp16 {case} {target} {form}")
 
 
 def test_block_refuses_bad_weights():
