@@ -1,11 +1,17 @@
 """MoE speed on CPU, in one command: a random mixture-of-experts decoder of realistic width
 (8 experts, top-2, hidden 1024, expert width 2816, 8 layers; random tensors, no download)
-exported ``portable`` and ``ort`` at fp32 and int4, each timed in its own child process
-(prefill tok/s of a 256-token prompt, decode tok/s over 64 tokens, peak RSS), plus the MoE
-block alone in each expert form at prefill and decode sizes.
+exported ``portable`` and ``ort`` at fp32 and int4 (prefill tok/s of a 256-token prompt,
+decode tok/s over 64 tokens, peak RSS), plus the MoE block alone in each expert form at
+prefill and decode sizes.
 
-    .venv/bin/python benchmarks/moe.py                 # both tables
-    .venv/bin/python benchmarks/moe.py --only blocks   # the expert-form table only
+    .venv/bin/python benchmarks/moe.py --rounds 7 --model-rounds 3   # both tables
+    .venv/bin/python benchmarks/moe.py --only blocks                  # the expert forms
+    .venv/bin/python benchmarks/moe.py --only model --graphs ort-kernel:fp32,ort:fp32
+
+Graph names: ``portable``, ``ort`` (the compiler's measured default), ``ort-kernel`` (MoE /
+QMoE wherever they fit: ``moe_kernel="always"``), ``ort-portable-experts`` (``"never"``).
+Every graph is exported first (one child each), then timed in interleaved rounds, each run in
+a fresh child; the table keeps each graph's best round (the machine may be shared).
 
 Graphs are run straight with onnxruntime (one prefill call on an empty cache, then one call
 per generated token with the presents fed back), so the numbers are the graph's, not a
