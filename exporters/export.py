@@ -217,6 +217,7 @@ def export(
     layout: str = "genai",
     progress: Progress | None = None,
     sentence_embedding: bool = False,
+    segment_ids: bool = False,
 ) -> ExportResult:
     """Export a checkpoint (HF directory, ``.gguf`` file or known model name) to ``out_dir``.
 
@@ -244,6 +245,9 @@ def export(
     ``progress(done, total, tensor_name)`` is called as each tensor is written.
     ``sentence_embedding``: an encoder (BERT, ModernBERT) also outputs the mean-pooled,
     normalized ``sentence_embedding`` (see :mod:`graphattn.exporters.export_encoder`).
+    ``segment_ids``: a decoder takes packed sequences: input ``segment_ids [batch_size,
+    total_sequence_length]`` (document id per slot, 0 = padding) instead of ``position_ids``
+    (see :mod:`graphattn.packing`; :func:`graphattn.runtime.packing.pack` feeds it).
     """
     if dtype is not None:
         if dtype not in DTYPES:
@@ -273,6 +277,8 @@ def export(
     from graphattn.exporters.export_encoder import export_encoder, is_encoder
 
     if is_encoder(source.config):
+        if segment_ids:
+            raise ValueError("segment_ids (packed sequences) is for decoders, not encoders")
         return export_encoder(
             source, out_dir, options, sentence_embedding=sentence_embedding, layout=layout,
             progress=progress,
@@ -285,6 +291,7 @@ def export(
         lazy_tensors(source, plan, float_dtype),
         dtype=DTYPES[float_dtype][0],
         last_logits_only=last_logits_only,
+        segment_ids=segment_ids,
     )
     prequantized = None
     if options.bits is not None and hasattr(source, "block_quantized") and not requantize:

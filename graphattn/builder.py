@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphattn import __version__, ops
+from graphattn import __version__, ops, packing
 from graphattn.layers import LayerInputs, Weights, decoder_layer, final_logits, norm, scaled
 from graphattn.ops import GraphEmitter
 from graphattn.rope import rope_cos_sin
@@ -42,6 +42,7 @@ def build_decoder(
     *,
     dtype: ir.DataType = ir.DataType.FLOAT,
     last_logits_only: bool = False,
+    segment_ids: bool = False,
 ) -> ir.Model:
     """The decoder graph for ``cfg``; ``tensors`` maps builder roles to (lazy) weight tensors.
 
@@ -49,12 +50,20 @@ def build_decoder(
     ``last_logits_only``: logits ``[batch_size, 1, vocab]`` for the last position only
     (prefill skips the output projection of every other position); else ``[batch_size,
     sequence_length, vocab]``.
+    ``segment_ids``: packed sequences (:mod:`graphattn.ops.documents`): an input ``segment_ids
+    [batch_size, total_sequence_length]`` int64 (document id per slot, 0 = padding) replaces
+    ``position_ids``; the graph computes the positions (restarting at each document) and the
+    block-diagonal causal bias from it. Not with sparse attention layers.
     """
     g = GraphEmitter(f"{cfg.model_type}_decoder")
     w = Weights(g, tensors)
     input_ids = g.input("input_ids", INT64, [BATCH, SEQUENCE])
     attention_mask = g.input("attention_mask", INT64, [BATCH, TOTAL])
-    position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
+    segments = g.input("segment_ids", INT64, [BATCH, TOTAL]) if segment_ids else None
+    if segments is None:
+        position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
+    else:
+        position_ids = packing.positions(g, cfg, segments, attention_mask, input_ids)
     pasts = [
         tuple(
             g.input(f"past_key_values.{i}.{name}", dtype, list(dims))
@@ -83,7 +92,7 @@ def build_decoder(
             mask_key = None
         elif mask_key not in biases:
             suffix = "" if not biases else f"_{len(biases)}"
-            bias = ops.attention_bias(
+            bias = (ops.attention_bias if segments is None else packing.bias(segments))(
                 g,
                 attention_mask,
                 input_ids,

@@ -173,6 +173,13 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         help="encoders (BERT, ModernBERT): also output sentence_embedding [batch_size, hidden],"
         " the mean over real tokens, L2-normalized",
     )
+    parser.add_argument(
+        "--segment-ids",
+        action="store_true",
+        help="decoders: packed sequences, input segment_ids [batch_size, total_sequence_length]"
+        " (document id per slot, 0 = pad) instead of position_ids (positions restart per"
+        " document, attention stays inside it)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -198,6 +205,7 @@ def _export(args: argparse.Namespace) -> int:
         last_logits_only=not args.all_logits,
         layout=args.layout,
         sentence_embedding=args.sentence_embedding,
+        segment_ids=args.segment_ids,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
         else None,

@@ -10,6 +10,7 @@ from graphattn.ops.attention import (
     multi_query_attention,
     scaled_dot_product_attention,
 )
+from graphattn.ops.documents import document_attention_bias, document_position_ids
 from graphattn.ops.domain import DEFAULT_OPSET, DOMAIN, DOMAIN_VERSION, registered_functions
 from graphattn.ops.emit import GraphEmitter
 from graphattn.ops.heads import lm_head, merge_heads, split_heads
@@ -26,6 +27,8 @@ __all__ = [
     "alibi_bias",
     "apply_rotary",
     "attention_bias",
+    "document_attention_bias",
+    "document_position_ids",
     "gelu_mlp",
     "grouped_query_attention",
     "inverse_frequencies",

@@ -39,6 +39,9 @@ class _Cache:
         self.model, self.capacity = model, int(capacity)
         self.length = 0
         self.batch = 0
+        # segment_ids [B, T] for the next steps of a graph that takes them (packed
+        # prefill); None: one document per row, segment_ids = attention_mask
+        self.segment_ids: np.ndarray | None = None
 
     def _check(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.capacity:
@@ -73,7 +76,32 @@ class _Cache:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.model.has_position_ids:
             feeds["position_ids"] = position_ids
+        if self.model.has_segment_ids:
+            segments = attention_mask if self.segment_ids is None else self.segment_ids
+            if segments.shape != attention_mask.shape:
+                raise ValueError(
+                    f"segment_ids {segments.shape} must have the shape of attention_mask"
+                    f" {attention_mask.shape}"
+                )
+            feeds["segment_ids"] = segments
         return feeds
+
+    def _check_loaded(self, pasts: list[tuple[np.ndarray, ...]], length: int) -> None:
+        layout = self.model.cache_layout
+        if len(pasts) != len(layout):
+            raise ValueError(f"load: {len(pasts)} layers given, the graph has {len(layout)}")
+        batch = pasts[0][0].shape[layout[0][0].batch_axis]
+        for tensors, arrays in zip(layout, pasts):
+            for t, array in zip(tensors, arrays, strict=True):
+                if tuple(array.shape) != tuple(t.shape(batch, length)):
+                    raise ValueError(
+                        f"load: {t.past} has shape {array.shape}, expected"
+                        f" {tuple(t.shape(batch, length))}"
+                    )
+        if length > self.capacity:
+            raise ContextLengthError(
+                f"{length} cached tokens exceed the context of {self.capacity} tokens"
+            )
 
     def _allocate(self, batch: int, copies: int) -> None:
         """``[layer][copy][tensor]`` OrtValues of each cache tensor's shape at ``capacity``
@@ -129,6 +157,18 @@ class PlainCache(_Cache):
         self.length += input_ids.shape[1]
         return outputs["logits"]
 
+    def layers(self) -> list[tuple[np.ndarray, ...]]:
+        """Per layer, the cached tensors (cache order, ``[.., length, ..]``)."""
+        return list(self.pasts)
+
+    def load(self, pasts: list[tuple[np.ndarray, ...]], length: int) -> None:
+        """Replace the cache by ``pasts`` (per layer, tensors in cache order, each of
+        :meth:`CacheTensor.shape` ``(batch, length)``)."""
+        self._check_loaded(pasts, length)
+        self.pasts = [tuple(np.ascontiguousarray(a) for a in arrays) for arrays in pasts]
+        self.length = length
+        self.batch = pasts[0][0].shape[self.model.cache_layout[0][0].batch_axis]
+
 
 class BoundCache(_Cache):
     """Preallocated per-layer buffers on the session's device, bound through IOBinding."""
@@ -181,6 +221,23 @@ class BoundCache(_Cache):
         logits = io.get_outputs()[0].numpy()
         self.turn, self.length = 1 - self.turn, self.length + new
         return logits
+
+    def layers(self) -> list[tuple[np.ndarray, ...]]:
+        """Per layer, the cached tensors as host arrays (see :meth:`layer`)."""
+        return [self.layer(i) for i in range(len(self.buffers))]
+
+    def load(self, pasts: list[tuple[np.ndarray, ...]], length: int) -> None:
+        """Reset to ``pasts``' batch and copy them (per layer, tensors in cache order, each
+        of :meth:`CacheTensor.shape` ``(batch, length)``) into the start of the buffers the
+        next step reads."""
+        self._check_loaded(pasts, length)
+        self.reset(pasts[0][0].shape[self.model.cache_layout[0][0].batch_axis])
+        for arrays, buffers in zip(pasts, self.buffers):
+            for array, buffer in zip(arrays, buffers[self.turn]):
+                host = np.zeros(buffer.shape(), dtype=array.dtype)
+                host.reshape(-1)[: array.size] = array.reshape(-1)
+                buffer.update_inplace(host)
+        self.length = length
 
     def layer(self, index: int) -> tuple[np.ndarray, ...]:
         """The cached tensors of one layer as host arrays, in cache order ((key, value) for

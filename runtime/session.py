@@ -149,6 +149,8 @@ class ModelSession:
         self._check_io(inputs, outputs)
         self.kv_dtype = self.cache_layout[0][0].dtype
         self.has_position_ids = "position_ids" in self.input_names
+        # packed sequences (export option segment_ids): document id per slot, 0 = pad
+        self.has_segment_ids = "segment_ids" in self.input_names
         logits_length = next(o for o in outputs if o.name == "logits").shape[1]
         self.last_logits_only = logits_length == 1
         # GroupQueryAttention lowered without query_seqlens (onnxruntime < 1.32): several rows

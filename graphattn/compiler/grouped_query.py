@@ -179,6 +179,13 @@ def _causal_window(bias: ir.Value) -> int | None:
     return int(attribute(node, "window", 0))
 
 
+def _document_bias(bias: ir.Value) -> bool:
+    """Whether ``bias`` is the block-diagonal mask of packed documents
+    (:mod:`graphattn.ops.documents`)."""
+    node = bias.producer()
+    return node is not None and node.domain == DOMAIN and node.op_type == "DocumentAttentionBias"
+
+
 def _why_not(block: Block, ctx: Context) -> str | None:
     a = block.attrs
     if not {"attention_mask", "input_ids"} <= {v.name for v in ctx.graph.inputs}:
@@ -189,6 +196,11 @@ def _why_not(block: Block, ctx: Context) -> str | None:
         return "ALiBi: the kernel has no per-head position bias (its mask input is padding only)"
     if a.head_dim % 16:
         return f"head_dim {a.head_dim} is not a multiple of 16"
+    if _document_bias(block.inputs["bias"]):
+        return (
+            "packed documents (segment_ids): the kernel's mask is padding only and it rotates"
+            " by cache slot, not by position within the document"
+        )
     if _causal_window(block.inputs["bias"]) != a.window:
         return "the mask is not the decoder's causal attention_mask bias with this window"
     if a.rope != "none":
