@@ -122,8 +122,9 @@ def test_gpt_oss_matches_transformers(name, tmp_path, monkeypatch):
     for decision in lowering(exports["portable"]):
         assert decision["kernel"] == "decomposed", decision
         assert decision["reasons"]["Attention"].startswith("attention sinks")
-    # the clamped SwiGLU experts: onnxruntime's MoE kernel on ort, standard ops on portable
-    assert moe_kernels(exports["ort"]) == ["MoE"] * config["num_hidden_layers"]
+    # the clamped SwiGLU experts: standard ops on both (ort: the float MoE kernel was measured
+    # slower, see graphattn/compiler/moe.py; tests/test_moe.py checks the kernel itself)
+    assert moe_kernels(exports["ort"]) == ["portable"] * config["num_hidden_layers"]
     assert moe_kernels(exports["portable"]) == ["portable"] * config["num_hidden_layers"]
 
 
