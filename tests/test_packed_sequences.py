@@ -246,3 +246,54 @@ def test_cli_segment_ids_and_refusals(exports, tmp_path, capsys):
     plain, _ = made["llama"]
     with pytest.raises(ValueError, match="export with --segment-ids"):
         generate_packed(Generator(plain["portable"], provider="cpu", cache="plain"), DOCUMENTS)
+
+
+@pytest.mark.hf
+def test_alibi_documents_packed_equal_each_alone(tmp_path):
+    """Bloom (ALiBi, 6 heads): the per-row key positions of the ALiBi bias differ from the
+    document positions by one constant per query, which the softmax ignores."""
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    import families
+
+    config = {
+        "model_type": "bloom",
+        "architectures": ["BloomForCausalLM"],
+        "vocab_size": 300,
+        "hidden_size": 48,
+        "n_layer": 2,
+        "n_head": 6,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    families.hf_model(config, seed=2).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    export(tmp_path / "hf", plain, target="portable", last_logits_only=False)
+    export(tmp_path / "hf", packed, target="portable", last_logits_only=False, segment_ids=True)
+    generator = Generator(packed, provider="cpu", cache="plain")
+    logits, start = prefill(generator, pack(DOCUMENTS)), 0
+    reference = Generator(plain, provider="cpu", cache="plain")
+    expected = []
+    for index, document in enumerate(DOCUMENTS):
+        ids = np.array([document])
+        alone, _ = Decoder(plain)(ids, np.ones_like(ids))
+        got = logits[:, start : start + len(document)]
+        assert_close(got, alone.astype(np.float64), 1e-4, f"bloom document {index}")
+        start += len(document)
+        tokens = reference.generate(document, max_new_tokens=NEW_TOKENS, use_eos=False).token_ids
+        assert decided_steps(plain, document, tokens, MARGIN) == NEW_TOKENS, document
+        expected.append(tokens)
+    results = generate_packed(generator, DOCUMENTS, max_new_tokens=NEW_TOKENS, use_eos=False)
+    assert [r.token_ids for r in results] == expected
+
+
+def test_sparse_layers_refuse_segment_ids():
+    from types import SimpleNamespace
+
+    from graphattn.packing import check_packable
+
+    layer = SimpleNamespace(attention=SimpleNamespace(sparse=SimpleNamespace(kind="native_sparse")))
+    dense = SimpleNamespace(attention=SimpleNamespace(sparse=None))
+    check_packable(SimpleNamespace(layers=[dense]))
+    with pytest.raises(ValueError, match="layer 1 is native_sparse attention"):
+        check_packable(SimpleNamespace(layers=[dense, layer]))
