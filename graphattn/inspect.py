@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from graphattn.compiler.blocks import explain as explain_lowering
+from graphattn.compiler.moe import explain_moe
 from graphattn.runtime.cache_layout import CacheLayoutError, describe_layer, graph_layout
 from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY
 
@@ -72,7 +73,8 @@ def _cache_lines(graph: onnx.GraphProto, where: str) -> list[str]:
 
 def describe(out_dir: str | Path, *, explain: bool = False) -> str:
     """A multi-line report of an export directory (the model's weights are not loaded);
-    ``explain``: also the attention lowering per layer (kernel, and why not the others)."""
+    ``explain``: also the attention and mixture-of-experts lowering per layer (kernel, and why
+    not the others)."""
     out_dir = Path(out_dir)
     model_path = out_dir / "model.onnx" if out_dir.is_dir() else out_dir
     if out_dir.is_dir() and not model_path.is_file():
@@ -142,6 +144,7 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
     lines.append(f"initializers: {len(model.graph.initializer)} ({parameters:,} values)")
     if explain:
         lines.extend(explain_lowering(metadata))
+        lines.extend(explain_moe(metadata))
     lines.append("files:")
     for path in sorted(model_path.parent.iterdir()):
         if path.is_file():

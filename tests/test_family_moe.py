@@ -22,6 +22,7 @@ import onnx
 import pytest
 
 from graphattn.compiler.moe import FLOAT_KERNEL_DECLINED, MOE_LOWERING_KEY
+from graphattn.inspect import describe
 from graphattn.models import architecture_for
 
 pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -232,6 +233,10 @@ def test_mixtral_matches_transformers_on_every_target(tmp_path, monkeypatch):
     # ort fp32/fp16: the measured choice, the routed portable experts (MoE kernel declined)
     assert moe_kernels(exports["ort"]) == dict.fromkeys(layers, FLOAT_KERNEL)
     assert moe_kernels(tmp_path / "ort-fp16") == dict.fromkeys(layers, FLOAT_KERNEL)
+    explained = describe(exports["ort"], explain=True)
+    assert "mixture-of-experts lowering (per layer):" in explained
+    declined = f"  layers.1: portable (routed experts)\n    not MoE: {FLOAT_KERNEL_DECLINED}"
+    assert declined in explained
     assert moe_kernels(exports["portable"]) == dict.fromkeys(layers, STANDARD_OPS)
     # int4: portable experts for the default onnxruntime 1.30, QMoE for 1.32
     assert moe_kernels(tmp_path / "ort-int4") == dict.fromkeys(layers, QMOE_130)
