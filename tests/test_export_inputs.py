@@ -152,7 +152,10 @@ BAD_INPUTS = {
         "unexpected tensors 'transformer.h.0.attn.extra_proj.weight'",
     ),
     "shape-mismatch": (change_config(n_embd=48), "has shape [96, 32], config implies [96, 48]"),
-    "unsupported-type": (change_config(model_type="whisper"), "model_type 'whisper' is not supported"),
+    "unsupported-type": (
+        change_config(model_type="whisper"),
+        "model_type 'whisper' is not supported",
+    ),
     "unsupported-arch": (
         change_config(architectures=["GPT2ForQuestionAnswering"]),
         "architectures",
