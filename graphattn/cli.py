@@ -415,6 +415,52 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+@subcommand
+def _serve_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server over an export (the serve extra)"
+    )
+    parser.add_argument("export_dir", help="directory written by graphattn export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: env"
+        " GRAPHATTN_API_KEY, else none)",
+    )
+    parser.add_argument("--max-running", type=int, default=16, help="sequences per batch")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    parser.add_argument("--model-name", default=None, help="name in /v1/models (default: dir)")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from graphattn.runtime.server import serve
+    except ImportError as error:
+        raise RuntimeError(
+            f"graphattn serve needs the serve extra (pip install 'graphattn[serve]'): {error}"
+        ) from None
+    for name in ("port", "max_running", "max_queue"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
+    serve(
+        args.export_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("GRAPHATTN_API_KEY") or None,
+        max_running=args.max_running,
+        max_queue=args.max_queue,
+        model_name=args.model_name,
+        provider=args.provider,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphattn`` console script; returns the exit status."""
     parser = build_parser()
