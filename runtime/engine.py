@@ -233,8 +233,11 @@ class Engine:
         self.context_length = int(cfg.context_length or 2048)
         self.max_running, self.max_queue, self.token_budget = max_running, max_queue, token_budget
         self.kv_budget = int(kv_budget or max_running * self.context_length)
-        if self.kv_budget < 2:
-            raise ValueError(f"kv_budget must be >= 2 cache slots, got {self.kv_budget}")
+        if self.kv_budget < self.context_length:
+            raise ValueError(
+                f"kv_budget {self.kv_budget} must be >= the context of {self.context_length}"
+                " cache slots (one request alone must always fit)"
+            )
         metadata = self.model.session.get_modelmeta().custom_metadata_map
         # GroupQueryAttention rotates by cache slot: no holes inside a row (module docstring)
         self.slot_positions = (
@@ -272,11 +275,10 @@ class Engine:
         bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        limit = min(self.context_length, self.kv_budget)
-        if len(ids) >= limit:
+        if len(ids) >= self.context_length:
             raise PromptTooLong(
-                f"prompt of {len(ids)} tokens leaves no room for a new token in the"
-                f" {'context' if limit == self.context_length else 'KV budget'} of {limit}"
+                f"prompt of {len(ids)} tokens leaves no room for a new token in the context"
+                f" of {self.context_length}"
             )
         with self._lock:
             if len(self._queue) >= self.max_queue:
