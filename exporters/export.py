@@ -13,6 +13,7 @@ import inspect
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +123,30 @@ def plan_weights(checkpoint: Checkpoint, architecture: Architecture, cfg: ModelC
 
 
 def lazy_tensors(checkpoint: Checkpoint, plan: dict[str, WeightSource], dtype: str):
-    """{role: ir.LazyTensor} reading and fixing each weight only when it is written."""
+    """{role: ir.LazyTensor} reading and fixing each weight only when it is written.
+
+    A checkpoint tensor that feeds several graph tensors (GPT-OSS's fused expert tensors,
+    sliced per expert; a fused QKV) is read once while its slices are written one after the
+    other: the last such tensor read is kept until another one is read."""
     ir_dtype, np_dtype = DTYPES[dtype]
     tensors = {}
     by_name: dict[str, ir.LazyTensor] = {}
+    sliced = Counter(source.source for source in {s.name: s for s in plan.values()}.values())
+    last_read: dict[str, np.ndarray] = {}
+
+    def read(name: str) -> np.ndarray:
+        if sliced[name] < 2:
+            return checkpoint.load(name)
+        if name not in last_read:
+            last_read.clear()
+            last_read[name] = checkpoint.load(name)
+        return last_read[name]
+
     for role, source in plan.items():
         if source.name not in by_name:
 
             def load(source=source) -> ir.Tensor:
-                array = checkpoint.load(source.source)
+                array = read(source.source)
                 if source.transform is not None:
                     array = source.transform(array)
                 return ir.tensor(np.ascontiguousarray(array, dtype=np_dtype), name=source.name)

@@ -172,3 +172,33 @@ def test_mxfp4_checkpoints_are_refused():
     quantized = {**config, "quantization_config": {"quant_method": "mxfp4"}}
     with pytest.raises(ValueError, match="quantization_config.*MXFP4.*dequantize"):
         config_from_hf(json.loads(json.dumps(quantized)))
+
+
+@pytest.mark.hf
+def test_fused_expert_tensors_are_read_once_when_written(tmp_path, monkeypatch):
+    """Writing the per-expert slices of ``gate_up_proj`` / ``down_proj`` takes one read of each
+    fused tensor, not one per slice (a real GPT-OSS layer's fused tensor is ~1 GB). The
+    compiler's passes still read each slice once more before the save (as they read other
+    weights), so a fused tensor is read at most ``slices + 1`` times (``2 × slices`` before)."""
+    from collections import Counter
+
+    from graphattn import export
+    from graphattn.exporters.checkpoint import Checkpoint
+
+    config, seed = CONFIGS["default-types-mqa"]
+    gpt_oss_model(config, seed).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    reads = Counter()
+    original = Checkpoint.load
+
+    def counted(self, name):
+        reads[name] += 1
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "load", counted)
+    export(tmp_path / "hf", tmp_path / "out", target="portable")
+    experts = config["num_local_experts"]
+    slices = {"experts.gate_up_proj": 2 * experts, "experts.down_proj": experts}
+    for i in range(config["num_hidden_layers"]):
+        for suffix, count in slices.items():
+            name = f"model.layers.{i}.mlp.{suffix}"
+            assert 1 <= reads[name] <= count + 1, (name, reads[name])
