@@ -10,12 +10,15 @@ Per layer (``post``: BERT; ``pre``: ModernBERT)::
     post:  h = LN_attn(x + Attn(x));   x' = LN_mlp(h + MLP(h))
     pre:   h = x + Attn(LN_attn(x));   x' = h + MLP(LN_mlp(h))
 
-``Attn``: q, k, v = x W (+ b) → SplitHeads ``[B, H, S, D]`` → RoPE (where the layer has it)
-→ ``ScaledDotProductAttention`` with the bidirectional bias (one per distinct window,
-shared by the layers) → MergeHeads → ``W_o`` (+ b). The attention call sits at the top
-level of the graph, so the ``portable`` and ``ort`` targets lower it to opset-23
-``Attention`` (``is_causal = 0``, the bias as ``attn_mask``). Positions: column ``s`` of
-every row is position ``s`` (a right-padded batch keeps each row's positions).
+``Attn`` is one ``graphattn.EncoderSelfAttention_<structure>`` call per layer
+(:mod:`graphattn.ops.encoder_block`): q, k, v = x W (+ b) → SplitHeads ``[B, H, S, D]`` →
+RoPE (where the layer has it) → ``ScaledDotProductAttention`` with the bidirectional bias
+(one per distinct window, shared by the layers) → MergeHeads → ``W_o`` (+ b); its attributes
+say what it computes (heads, head_dim, scale, ``window``, ``causal = 0``, RoPE kind and
+``rotary_dim``, input roles). The ``portable`` and ``ort`` targets lower it by reading that
+node to opset-23 ``Attention`` (``is_causal = 0``, the bias as ``attn_mask``, RoPE as
+``RotaryEmbedding``) and record the decision per layer (``inspect --explain``). Positions:
+column ``s`` of every row is position ``s`` (a right-padded batch keeps each row's positions).
 """
 
 from __future__ import annotations
@@ -25,24 +28,18 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphattn import __version__, ops
-from graphattn.encoder_spec import EncoderConfig
+from graphattn import __version__
+from graphattn.encoder_spec import EncoderConfig, EncoderLayerSpec
 from graphattn.layers import Weights, mlp, norm
 from graphattn.ops import GraphEmitter
 from graphattn.ops.encoder import bidirectional_bias, sentence_embedding
+from graphattn.ops.encoder_block import encoder_attention_block
 from graphattn.rope import rope_cos_sin
 from graphattn.spec import BATCH, CONTEXT_KEY, SEQUENCE
 
 INT64 = ir.DataType.INT64
 ENCODER_KEY = "graphattn.encoder"  # metadata: the encoder's model_type
 OUTPUTS = ("last_hidden_state", "sentence_embedding")
-
-
-def _linear(g: GraphEmitter, x: ir.Value, w: Weights, role: str, name: str) -> ir.Value:
-    y = g.op("MatMul", [x, w[f"{role}.weight"]], name=name)
-    if f"{role}.bias" in w:
-        y = g.op("Add", [y, w[f"{role}.bias"]], name=f"{name}/bias")
-    return y
 
 
 def _column_positions(g: GraphEmitter, input_ids: ir.Value) -> ir.Value:
@@ -65,37 +62,31 @@ def _attention(
     w: Weights,
     prefix: str,
     bias: ir.Value,
+    layer: EncoderLayerSpec,
     cos_sin: tuple[ir.Value, ir.Value] | None,
-    rotary_dim: int,
     scope: str,
 ) -> ir.Value:
-    """Bidirectional self-attention of ``x [B, S, C]`` → ``[B, S, C]``."""
-    heads = cfg.num_heads
-    parts = []
-    for part in "qkv":
-        projected = _linear(g, x, w, f"{prefix}{part}", f"{scope}/{part}_proj")
-        split = ops.split_heads(g, projected, heads=heads, name=f"{scope}/{part}_heads")
-        if cos_sin is not None and part != "v":
-            split = ops.apply_rotary(
-                g,
-                split,
-                *cos_sin,
-                head_dim=cfg.head_dim,
-                rotary_dim=rotary_dim,
-                name=f"{scope}/{part}_rotary",
-            )
-        parts.append(split)
-    mixed, _, _ = ops.scaled_dot_product_attention(
+    """Bidirectional self-attention of ``x [B, S, C]`` → ``[B, S, C]``: one block call."""
+    weights = {
+        f"{part}_{kind}": w[f"{prefix}{part}.{kind}"]
+        for part in "qkvo"
+        for kind in ("weight", "bias")
+        if f"{prefix}{part}.{kind}" in w
+    }
+    rope = layer.rope
+    return encoder_attention_block(
         g,
-        *parts,
-        num_heads=heads,
-        kv_heads=heads,
+        x,
+        weights,
+        bias_B1SS=bias,
+        num_heads=cfg.num_heads,
         head_dim=cfg.head_dim,
-        mask=bias,
-        name=f"{scope}/sdpa",
+        window=layer.window,
+        rope="none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
+        cos_sin=cos_sin,
+        rotary_dim=0 if rope is None else rope.rotary_dim,
+        name=f"{scope}/attn",
     )
-    merged = ops.merge_heads(g, mixed, name=f"{scope}/merge_heads")
-    return _linear(g, merged, w, f"{prefix}o", f"{scope}/o_proj")
 
 
 def build_encoder(
@@ -150,7 +141,6 @@ def build_encoder(
                     sin = g.op("CastLike", [sin, hidden], name=f"rotary{suffix}/sin_cast")
                 rotations[layer.rope.key] = (cos, sin)
             cos_sin = rotations[layer.rope.key]
-        rotary_dim = layer.rope.rotary_dim if layer.rope is not None else 0
 
         def normed(place: str, x: ir.Value, scope=scope, prefix=prefix) -> ir.Value:
             if f"{prefix}{place}.weight" not in w and f"{prefix}{place}.bias" not in w:
@@ -159,7 +149,7 @@ def build_encoder(
 
         if cfg.norm_placement == "post":
             attended = _attention(
-                g, cfg, hidden, w, prefix, biases[layer.window], cos_sin, rotary_dim, scope
+                g, cfg, hidden, w, prefix, biases[layer.window], layer, cos_sin, scope
             )
             added = g.op("Add", [hidden, attended], name=f"{scope}/attn_residual")
             hidden = normed("post_attn_norm", added)
@@ -168,9 +158,7 @@ def build_encoder(
             hidden = normed("post_mlp_norm", added)
         else:
             x = normed("attn_norm", hidden)
-            attended = _attention(
-                g, cfg, x, w, prefix, biases[layer.window], cos_sin, rotary_dim, scope
-            )
+            attended = _attention(g, cfg, x, w, prefix, biases[layer.window], layer, cos_sin, scope)
             hidden = g.op("Add", [hidden, attended], name=f"{scope}/attn_residual")
             fed = mlp(g, cfg.mlp, normed("mlp_norm", hidden), w, f"{prefix}mlp.", f"{scope}/mlp")
             hidden = g.op("Add", [hidden, fed], name=f"{scope}/mlp_residual")

@@ -2,7 +2,9 @@
 exported on every target; a right-padded batch of 3 rows must match HF eager and an
 independent float64 NumPy forward on the real tokens, the pooled output the NumPy mean-pool
 of HF's; the functions graph also runs in the NumPy interpreter; ``graphattn embed`` prints
-the embeddings of texts tokenized by the export's tokenizer.
+the embeddings of texts tokenized by the export's tokenizer. Each layer's attention is one
+``graphattn.EncoderSelfAttention_*`` call in the functions graph, one opset-23 ``Attention``
+on portable/ort, and one recorded lowering decision (``inspect --explain``).
 """
 
 import json
@@ -18,9 +20,12 @@ from harness import assert_close
 from graphattn import cli
 from graphattn.exporters.export import export
 from graphattn.exporters.safetensors_reader import CheckpointError
+from graphattn.inspect import describe
 from graphattn.interpreter import Interpreter
 from graphattn.ops import GraphEmitter
 from graphattn.ops.encoder import bidirectional_bias, sentence_embedding
+from graphattn.ops.encoder_block import encoder_attention_block
+from graphattn.spec import LOWERING_KEY
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -136,6 +141,59 @@ def test_io_names_and_kernels(exports):
     assert not (exports["portable"] / "genai_config.json").exists()
 
 
+def _attributes(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_functions_graph_has_one_block_per_layer(exports):
+    """No split_heads/SDPA/merge_heads at the top level: one block call per layer, whose
+    attributes say what it computes."""
+    model = onnx.load(str(exports["functions"] / "model.onnx"), load_external_data=False)
+    top = [n for n in model.graph.node if n.domain == "graphattn"]
+    blocks = [n for n in top if n.op_type.startswith("EncoderSelfAttention")]
+    layers = CONFIG["num_hidden_layers"]
+    assert [n.name for n in blocks] == [f"layers.{i}/attn" for i in range(layers)]
+    assert {n.op_type for n in blocks} == {"EncoderSelfAttention_qkv_bias_o_bias"}
+    loose = {"SplitHeads", "MergeHeads", "ScaledDotProductAttention", "RotaryHalves"}
+    assert not loose & {n.op_type for n in top}
+    roles = ["x", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"]
+    roles += ["o_weight", "o_bias", "bias"]
+    head_dim = CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
+    for node in blocks:
+        attrs = _attributes(node)
+        assert attrs["input_roles"] == [r.encode() for r in roles]
+        assert len(node.input) == len(roles) and len(node.output) == 1
+        assert (attrs["num_heads"], attrs["kv_heads"], attrs["head_dim"]) == (4, 4, head_dim)
+        assert attrs["causal"] == 0 and attrs["window"] == 0
+        assert attrs["rope"] == b"none" and attrs["rotary_dim"] == 0
+        assert abs(attrs["scale"] - head_dim**-0.5) < 1e-7
+    assert sum(n.op_type == "AttentionBias" for n in top) == 1  # shared by the layers
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_lowering_recorded_per_layer(exports, target):
+    model = onnx.load(str(exports[target] / "model.onnx"), load_external_data=False)
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    layers = CONFIG["num_hidden_layers"]
+    assert [n.name for n in attention] == [f"layers.{i}/attn/attention" for i in range(layers)]
+    for node in attention:
+        assert len(node.input) == 4 and len(node.output) == 1  # no past, no present
+        attrs = _attributes(node)
+        assert attrs.get("is_causal", 0) == 0 and attrs["q_num_heads"] == attrs["kv_num_heads"]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    decisions = json.loads(metadata[LOWERING_KEY])
+    assert [d["layer"] for d in decisions] == [f"layers.{i}" for i in range(layers)]
+    for decision in decisions:
+        assert decision["kernel"] == "Attention" and decision["detail"] == "bidirectional"
+        if target == "ort":
+            assert "always causal" in decision["reasons"]["GroupQueryAttention"]
+        else:
+            assert decision["reasons"] == {}
+    text = describe(exports[target], explain=True)
+    assert f"layers.0 … layers.1 ({layers} layers): Attention (bidirectional)" in text
+    assert ("not GroupQueryAttention: the kernel is always causal" in text) == (target == "ort")
+
+
 def test_interpreter_runs_functions_graph(exports, hf_hidden):
     batch = _batch()
     model = onnx.load(str(exports["functions"] / "model.onnx"))
@@ -233,6 +291,26 @@ def test_emitters_check_parameters():
         bidirectional_bias(g, mask, window=0)
     with pytest.raises(ValueError, match="attention_mask must have rank 2"):
         bidirectional_bias(g, hidden3)
+    weights = {f"{p}_weight": g.input(f"w{p}", None, [4, 4]) for p in "qkvo"}
+    bias = g.input("bias", None, [2, 1, 3, 3])
+    with pytest.raises(ValueError, match="missing weights"):
+        encoder_attention_block(g, hidden3, {}, bias_B1SS=bias, num_heads=2, head_dim=2, name="a")
+    with pytest.raises(ValueError, match="unknown weight roles"):
+        encoder_attention_block(
+            g, hidden3, {**weights, "sinks": bias}, bias_B1SS=bias, num_heads=2, head_dim=2,
+            name="a",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="window"):
+        encoder_attention_block(
+            g, hidden3, weights, bias_B1SS=bias, num_heads=2, head_dim=2, window=0, name="a"
+        )
+    with pytest.raises(ValueError, match="cos_sin"):
+        encoder_attention_block(
+            g, hidden3, weights, bias_B1SS=bias, num_heads=2, head_dim=2, rope="halves", name="a"
+        )
+    with pytest.raises(ValueError, match="bias must have rank 4"):
+        encoder_attention_block(g, hidden3, weights, bias_B1SS=mask, num_heads=2, head_dim=2,
+                                name="a")  # fmt: skip
 
 
 def test_cli_export_and_task_model(checkpoint, tmp_path, capsys):

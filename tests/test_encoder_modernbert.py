@@ -2,7 +2,9 @@
 with ``local_attention = 4``, i.e. keys within 2 positions; RoPE bases 1000 / 100 so the two
 kinds rotate differently; random norm scales) on a right-padded batch of 3 rows of 9 tokens,
 against HF eager and an independent float64 NumPy forward, on every target and in the
-NumPy interpreter; the config mapping reads the hub's older keys too.
+NumPy interpreter; the config mapping reads the hub's older keys too. Each layer is one
+``graphattn.EncoderSelfAttention_rope_halves`` call (its window and RoPE as attributes), one
+``Attention`` with two ``RotaryEmbedding`` after lowering, and one recorded decision.
 """
 
 import json
@@ -15,8 +17,10 @@ import pytest
 from harness import assert_close
 
 from graphattn.exporters.export import export
+from graphattn.inspect import describe
 from graphattn.interpreter import Interpreter
 from graphattn.models import modernbert
+from graphattn.spec import LOWERING_KEY
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -98,13 +102,51 @@ def test_export_matches_hf(checkpoint, reference, tmp_path, target):
     assert_close(_real(ours), _real(reference), ATOL, f"{target} vs NumPy")
     expected = forward.mean_pool_normalize(hidden.astype(np.float64), batch["attention_mask"])
     assert_close(pooled, expected, 1e-5, f"{target} sentence_embedding")
+    model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     if target == "functions":
         outputs = Interpreter(onnx.load(str(tmp_path / "model.onnx"))).run(batch)
         assert_close(_real(outputs["last_hidden_state"]), _real(reference), ATOL, "interpreter")
+        _check_blocks(model.graph)
     else:
-        graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
-        kinds = [n.op_type for n in graph.node]
+        kinds = [n.op_type for n in model.graph.node]
         assert kinds.count("Attention") == 3 and kinds.count("RotaryEmbedding") == 6
+        _check_lowering(model, tmp_path, target)
+
+
+WINDOWS = [0, 3, 3]  # local_attention 4: keys with |s - t| < 3
+
+
+def _check_blocks(graph) -> None:
+    """One block call per layer, no loose attention pieces; window and RoPE are attributes."""
+    top = [n for n in graph.node if n.domain == "graphattn"]
+    blocks = [n for n in top if n.op_type.startswith("EncoderSelfAttention")]
+    assert [n.name for n in blocks] == [f"layers.{i}/attn" for i in range(3)]
+    assert {n.op_type for n in blocks} == {"EncoderSelfAttention_rope_halves"}
+    assert not {"SplitHeads", "RotaryHalves", "ScaledDotProductAttention"} & {
+        n.op_type for n in top
+    }
+    roles = [b"x", b"q_weight", b"k_weight", b"v_weight", b"o_weight", b"cos", b"sin", b"bias"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in blocks]
+    assert [a["window"] for a in attrs] == WINDOWS
+    for a in attrs:
+        assert a["causal"] == 0 and a["rope"] == b"halves" and a["rotary_dim"] == 8
+        assert a["input_roles"] == roles and a["num_heads"] == a["kv_heads"] == 4
+    biases = [n for n in top if n.op_type == "AttentionBias"]  # one per distinct window
+    assert len(biases) == 2
+
+
+def _check_lowering(model, path, target) -> None:
+    decisions = json.loads({p.key: p.value for p in model.metadata_props}[LOWERING_KEY])
+    assert [d["layer"] for d in decisions] == [f"layers.{i}" for i in range(3)]
+    details = ["bidirectional, rope halves 8"] + 2 * [
+        "bidirectional, keys |s-t| < 3, rope halves 8"
+    ]
+    assert [d["detail"] for d in decisions] == details
+    assert all(d["kernel"] == "Attention" for d in decisions)
+    assert all(("GroupQueryAttention" in d["reasons"]) == (target == "ort") for d in decisions)
+    text = describe(path, explain=True)
+    assert "layers.0: Attention (bidirectional, rope halves 8)" in text
+    assert "layers.1 … layers.2 (2 layers): Attention (bidirectional, keys |s-t| < 3" in text
 
 
 def test_fp16_runs(checkpoint, tmp_path):

@@ -6,7 +6,8 @@
 with 3-D queries/keys/values (``q_num_heads``/``kv_num_heads``), the KV concatenation done by
 Attention's own past/present, and no transposes. The block's mask input (causality, window and
 padding) is Attention's ``attn_mask``; its cos/sin ``[B, S, R]`` feed RotaryEmbedding directly,
-so every RoPE scaling works here, per-call ones (longrope, dynamic) included.
+so every RoPE scaling works here, per-call ones (longrope, dynamic) included. An encoder block
+(no cache) becomes ``Attention(q, k, v, bias)`` with its one output.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _apply(block: Block, ctx: Context) -> None:
     }
     if a.softcap:
         attrs["softcap"] = a.softcap
+    if "past_key" not in block.inputs:  # an encoder block: no cache, one output
+        output = e.op("Attention", [q, k, v, bias], attrs, label="attention")
+        replace_block(ctx, block, output_projection(e, block, output), None, None)
+        return
     output, key, value = e.op(
         "Attention",
         [q, k, v, bias, block.inputs["past_key"], block.inputs["past_value"]],

@@ -1,9 +1,11 @@
 """Lower each semantic attention block by reading its one call node.
 
-A block call (``graphattn.SelfAttention*``, see :mod:`graphattn.ops.attention_block`) carries
-what it computes as attributes and its weights, cos/sin, mask and past as inputs by role. Each
-lowering rule looks at those and either says why it cannot take the block (a reason, as
-onnxscript's rewriter does with ``MatchResult.fail``) or emits the block's replacement:
+A block call (``graphattn.SelfAttention*``, see :mod:`graphattn.ops.attention_block`; an
+encoder's ``graphattn.EncoderSelfAttention*``, :mod:`graphattn.ops.encoder_block`, reads as
+one with ``causal = 0`` and no past/present) carries what it computes as attributes and its
+weights, cos/sin, mask and past as inputs by role. Each lowering rule looks at those and
+either says why it cannot take the block (a reason, as onnxscript's rewriter does with
+``MatchResult.fail``) or emits the block's replacement:
 
 - ``GroupQueryAttention`` (target ``ort``, :mod:`graphattn.compiler.grouped_query`);
 - ``Attention`` (opset 23 on ``[B, S, heads·D]``, :mod:`graphattn.compiler.attention3d`);
@@ -27,6 +29,7 @@ import onnx_ir as ir
 
 from graphattn.compiler.rewrite import add_initializer, take_over
 from graphattn.ops.attention_block import BlockAttributes, is_block
+from graphattn.ops.encoder_block import is_encoder_block
 from graphattn.ops.mla import LatentAttributes, is_latent_block
 from graphattn.ops.sparse_block import DECLINED, sparse_kind
 from graphattn.spec import LOWERING_KEY
@@ -204,7 +207,7 @@ def lower_blocks(ctx: Context, rules: Sequence[Rule]) -> list[dict]:
             layer = (node.name or "attn").split("/")[0]
             decisions.append({"layer": layer, "kernel": "decomposed", "reasons": reasons})
             continue
-        if not (is_block(node) or is_latent_block(node)):
+        if not (is_block(node) or is_latent_block(node) or is_encoder_block(node)):
             continue
         block = Block.of(node)
         reasons: dict[str, str] = {}
@@ -220,8 +223,21 @@ def lower_blocks(ctx: Context, rules: Sequence[Rule]) -> list[dict]:
                 chosen = rule.kernel
                 break
             reasons[rule.kernel] = reason
-        decisions.append({"layer": block.layer, "kernel": chosen, "reasons": reasons})
+        decision = {"layer": block.layer, "kernel": chosen, "reasons": reasons}
+        if is_encoder_block(node):  # what the block computes, for inspect --explain
+            decision["detail"] = _encoder_detail(block.attrs)
+        decisions.append(decision)
     return decisions
+
+
+def _encoder_detail(a: BlockAttributes) -> str:
+    """``bidirectional, keys |s-t| < 3, rope halves 16``: an encoder block in a few words."""
+    parts = ["bidirectional"]
+    if a.window:
+        parts.append(f"keys |s-t| < {a.window}")
+    if a.rope != "none":
+        parts.append(f"rope {a.rope} {a.rotary_dim}")
+    return ", ".join(parts)
 
 
 def record(model: ir.Model, decisions: list[dict]) -> None:

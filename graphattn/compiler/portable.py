@@ -28,6 +28,7 @@ from graphattn.compiler.grouped_query import GROUPED_QUERY_RULE
 from graphattn.compiler.latent import GROUPED, INLINED_PREFIX, LATENT_RULE, keep_grouped
 from graphattn.compiler.rewrite import attribute, cast_like, replace_node
 from graphattn.ops.domain import DOMAIN
+from graphattn.ops.encoder_block import PREFIX as ENCODER_PREFIX
 from graphattn.ops.sparse_block import PREFIXES as SPARSE_PREFIXES
 
 
@@ -139,7 +140,9 @@ def lower_attention_blocks(
             common.InlinePass(
                 criteria=lambda f: (
                     f.domain == DOMAIN
-                    and f.name.startswith(("SelfAttention", INLINED_PREFIX, *SPARSE_PREFIXES))
+                    and f.name.startswith(
+                        ("SelfAttention", ENCODER_PREFIX, INLINED_PREFIX, *SPARSE_PREFIXES)
+                    )
                 )
             )(model)
         keep_grouped(graph, ctx)
