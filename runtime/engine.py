@@ -499,15 +499,15 @@ class Engine:
             self._queue.appendleft(row.request)
             self._stats["preemptions"] += 1
 
-    def _plan(self) -> int:
-        """Each row's chunk for this step (decoders 1, prefills share the rest FIFO);
-        returns the step's width."""
+    def _plan(self, cap: int | None = None) -> int:
+        """Each row's chunk for this step (decoders 1, prefills share the rest FIFO, each at
+        most ``cap``); returns the step's width."""
         budget = self.token_budget - sum(1 for r in self._rows if len(r.pending) == 1)
         for row in self._rows:
             if len(row.pending) == 1:
                 row.chunk = 1
             else:
-                row.chunk = max(0, min(len(row.pending), budget))
+                row.chunk = max(0, min(len(row.pending), budget, cap or budget))
                 budget -= row.chunk
         return max(r.chunk for r in self._rows)
 
@@ -525,8 +525,10 @@ class Engine:
                 self._compact()
                 total = self._mask.shape[1]
             if not self.slot_positions and total + width > self.context_length:
-                self._compact()
+                self._compact()  # the time axis stays within the context the graph knows
                 total = self._mask.shape[1]
+                if total + width > self.context_length:
+                    width = self._plan(cap=self.context_length - total)
             pad = self.model.config.pad_token_id
             ids = np.full((batch, width), pad, dtype=np.int64)
             new_mask = np.zeros((batch, width), dtype=np.int64)

@@ -72,15 +72,17 @@ def freed(engine: Engine) -> None:
     assert (stats["cache_rows"], stats["cache_slots"]) == (0, 0)
 
 
-def arrivals(engine: Engine, seed: int, count: int, params):
+def arrivals(engine: Engine, seed: int, count: int, params, lengths=(1, 15)):
     """Submit ``count`` random prompts, a random number of steps apart; run to the end.
     Greedy prompts whose run alone meets a near tie are drawn again (seeded: always the same)."""
     rng = np.random.default_rng(seed)
     submitted = []
     for _ in range(count):
         while True:
-            prompt = [int(t) for t in rng.integers(3, 300, int(rng.integers(1, 15)))]
+            prompt = [int(t) for t in rng.integers(3, 300, int(rng.integers(*lengths)))]
             chosen = params(rng)
+            if len(prompt) + chosen.max_tokens > engine.context_length:
+                continue
             if chosen.temperature > 0:
                 break
             if alone(engine.model, prompt, chosen.max_tokens, check=False) is not None:
@@ -258,6 +260,18 @@ def test_refusals(exports):
         Engine(exports["gpt2", "portable"], cache="bound")
     first.cancel()
     engine.run_until_idle()
+    freed(engine)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_long_rows_keep_the_time_axis_within_the_context(exports, name):
+    engine = Engine(exports[name, "portable"], max_running=4, token_budget=64, record_logits=True)
+    requests = arrivals(engine, seed=8, count=6, params=long_greedy, lengths=(20, 45))
+    for request in requests:
+        tokens, logits = alone(engine.model, request.prompt_ids, request.params.max_tokens)
+        assert request.token_ids == tokens
+        np.testing.assert_allclose(np.array(request.logits), np.array(logits), atol=1e-4)
+    assert engine.stats()["compactions"] > 0
     freed(engine)
 
 
