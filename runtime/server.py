@@ -519,8 +519,8 @@ class Server:
             ) from None
         except self._too_long as error:
             raise _bad("prompt", str(error), "context_length_exceeded") from None
-        except ValueError as error:
-            raise _bad(None, str(error)) from None
+        except ValueError as error:  # the engine refuses the prompt (empty, ids out of vocab)
+            raise _bad("prompt", str(error)) from None
 
     # --------------------------------------------------------------- output
     def _bridge(self, handle: Any, arrived: float) -> _Job:

@@ -20,16 +20,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import checkpoints
 import httpx
+import numpy as np
 import pytest
 import tiny_tokenizer
 
 openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra installs uvicorn")
 
+from graphattn import export  # noqa: E402
+from graphattn.runtime import Generator, PlainCache  # noqa: E402
+from graphattn.runtime.engine import Engine  # noqa: E402
+from graphattn.runtime.generate import positions  # noqa: E402
 from graphattn.runtime.server import create_app  # noqa: E402
 from graphattn.runtime.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
@@ -538,6 +545,188 @@ def test_sigterm_drains_a_running_stream_then_exits_0(tokenizer_dir):
         out, err = process.communicate(timeout=WAIT)
         assert process.returncode == 0, err
         assert "drained True 0" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=WAIT)
+
+
+# ------------------------------------------------------------------ the real engine, live
+LLAMA = {**checkpoints.LLAMA, "vocab_size": 300, "eos_token_id": 2}
+MARGIN = 1e-3  # prompts whose greedy steps are all decided by more than this are compared
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("server-llama")
+    checkpoints.write_checkpoint(root / "hf", LLAMA, seed=11)
+    tiny_tokenizer.write_tokenizer(root / "hf")
+    export(root / "hf", root / "onnx")
+    return root / "onnx"
+
+
+@pytest.fixture(scope="module")
+def generator(llama_export) -> Generator:
+    return Generator(llama_export, provider="cpu", cache="plain")
+
+
+def decided(generator: Generator, prompt_ids: list[int], steps: int) -> bool:
+    """Whether every greedy step of ``prompt_ids`` alone has a top-2 logit margin > MARGIN
+    (then batching's float rounding cannot flip a token)."""
+    cache = PlainCache(generator.model, generator.max_length)
+    cache.reset(1)
+    ids = np.array([prompt_ids], dtype=np.int64)
+    mask = np.ones_like(ids)
+    logits = cache.step(ids, mask, positions(mask, ids.shape[1]))[0, -1]
+    for _ in range(steps):
+        top2 = np.sort(logits)[-2:]
+        if top2[1] - top2[0] <= MARGIN:
+            return False
+        token = int(np.argmax(logits))
+        if token in generator.model.config.eos_token_ids:
+            return True
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        logits = cache.step(np.array([[token]]), mask, positions(mask, 1))[0, -1]
+    return True
+
+
+def greedy_text(generator: Generator, prompt: str, steps: int, chat: bool = False) -> str:
+    result = generator.generate(prompt, max_new_tokens=steps, temperature=0.0, chat=chat)
+    return result.text
+
+
+@pytest.fixture(scope="module")
+def cases(generator) -> list[tuple[str, int]]:
+    """32 (prompt, max_tokens) of mixed lengths whose greedy decodes are decided."""
+    words = tiny_tokenizer.CORPUS[0].split() + tiny_tokenizer.CORPUS[1].split()
+    found, index = [], 0
+    while len(found) < 32 and index < 400:
+        start, length = (index * 7) % len(words), 1 + index % 9
+        prompt = " ".join(words[start : start + length]) or "graph"
+        steps = 4 + (index * 5) % 28
+        ids = generator.encode(prompt)
+        if len(ids) + steps <= generator.max_length and decided(generator, ids, steps):
+            found.append((prompt, steps))
+        index += 1
+    assert len(found) == 32, f"only {len(found)} decided prompts"
+    return found
+
+
+@pytest.fixture(scope="module")
+def live_llama(llama_export):
+    engine = Engine(llama_export, max_running=8, max_queue=64, provider="cpu")
+    with LiveServer(engine, model_name="llama") as live:
+        yield live
+
+
+def test_server_greedy_text_equals_the_generator(live_llama, generator, cases):
+    client = live_llama.client()
+    for prompt, steps in cases[:4]:
+        expected = greedy_text(generator, prompt, steps)
+        result = client.completions.create(
+            model="llama", prompt=prompt, max_tokens=steps, temperature=0
+        )
+        assert result.choices[0].text == expected, prompt
+        assert result.usage.prompt_tokens == len(generator.encode(prompt))
+        assert 1 <= result.usage.completion_tokens <= steps
+        stream = client.completions.create(
+            model="llama", prompt=prompt, max_tokens=steps, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream) == expected, prompt
+    prompt, steps = cases[0]
+    chat = client.chat.completions.create(
+        model="llama",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=steps,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content == greedy_text(generator, prompt, steps, chat=True)
+    stats = live_llama.engine.stats()
+    assert (stats["running"], stats["queue_depth"], stats["cache_rows"]) == (0, 0, 0)
+
+
+def test_prompt_past_the_context_is_400(live_llama):
+    client = live_llama.client()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="llama", prompt=[5] * 70, max_tokens=1)
+    assert raised.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="llama", prompt=[5, 6], max_tokens=63)
+    assert raised.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="llama", prompt=[5, 300], max_tokens=2)
+    assert raised.value.param == "prompt"
+
+
+def test_32_concurrent_streams_each_get_their_own_greedy_text(live_llama, generator, cases):
+    expected = [greedy_text(generator, prompt, steps) for prompt, steps in cases]
+    client = live_llama.client()
+
+    def one(case: tuple[str, int]) -> str:
+        prompt, steps = case
+        stream = client.completions.create(
+            model="llama", prompt=prompt, max_tokens=steps, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        texts = list(pool.map(one, cases, timeout=WAIT * 2))
+    assert texts == expected
+    stats = live_llama.engine.stats()
+    assert (stats["running"], stats["queue_depth"], stats["cache_rows"]) == (0, 0, 0)
+
+
+def test_a_disconnect_frees_the_engine_row(live_llama, generator):
+    prompt = next(
+        [5, first, 7]
+        for first in range(3, 300)
+        if generator.generate([5, first, 7], max_new_tokens=8).stopped_by == "length"
+    )  # no end-of-sequence within the tokens the engine is let to make
+    engine, release = live_llama.engine, threading.Event()
+    original, held_after = engine.step, engine.stats()["tokens_generated"] + 2
+
+    def held_step() -> None:  # two tokens, then the engine holds until released
+        if engine.stats()["tokens_generated"] >= held_after and not release.is_set():
+            release.wait(WAIT)
+        original()
+
+    engine.step = held_step
+    try:
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 50, "stream": True}
+        with httpx.stream(
+            "POST", f"{live_llama.base}/v1/completions", json=body, timeout=WAIT
+        ) as r:
+            next(line for line in r.iter_lines() if line)
+            assert engine.stats()["running"] == 1
+        eventually(lambda: engine.stats()["cache_rows"] == 0, "the row is freed")
+        assert engine.stats()["running"] == 0
+    finally:
+        release.set()
+        del engine.step
+
+
+def test_graphattn_serve_sigterm_drains_then_exits_0(llama_export, generator, cases):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "graphattn.cli", "serve", str(llama_export), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, process=process)
+        prompt, steps = max(cases, key=lambda case: case[1])
+        body = {"prompt": prompt, "max_tokens": steps, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=WAIT) as r:
+            assert r.status_code == 200
+            process.send_signal(signal.SIGTERM)
+            events = [line for line in r.iter_lines() if line]
+        assert events[-1] == "data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+        assert text == greedy_text(generator, prompt, steps)
+        _, err = process.communicate(timeout=WAIT)
+        assert process.returncode == 0, err
     finally:
         if process.poll() is None:
             process.kill()
