@@ -24,9 +24,11 @@ not by ``position_ids``, so a hole inside a row would shift its positions. There
 never makes holes: every step is a decode call in which every row adds one token, and a
 joining request's prompt (all but its last token) is first run alone in its own call, over a
 masked zero past, so that it lands in the slots just before the batch's next one (the same
-slot offset for all of its tokens, which RoPE does not see). Such a request waits (FIFO)
-until the batch's time axis is at least as long as its prompt, and the axis is never
-compacted (that would shift the stored rotations); it restarts at 0 when the batch empties.
+slot offset for all of its tokens, which RoPE does not see). A new batch's axis starts
+``slot_headroom`` slots long (masked; min(256, context / 8), where the first request still
+fits) so that prompts up to that length join at once; a longer one waits (FIFO) until the
+axis is at least as long as its prompt, and the axis is never compacted (that would shift
+the stored rotations); it restarts when the batch empties.
 
 Memory: ``kv_budget`` cache slots (rows × tokens, default ``max_running`` × context) bound
 the tokens held; a request is admitted when its prompt fits in what is free, and when a step
@@ -245,6 +247,9 @@ class Engine:
             or metadata.get(KV_BUFFER_KEY) == "shared"
             or metadata.get(CONTINUATION_KEY) == "one_token"
         )
+        # slot positions: a new batch's time axis starts this long (masked) so that a prompt
+        # of up to this many tokens can join it without waiting
+        self.slot_headroom = min(256, self.context_length // 8)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Request] = deque()
@@ -451,7 +456,7 @@ class Engine:
                     > self.context_length
                 ):
                     return  # FIFO: the head waits until it can be aligned (docstring)
-                after = (rows + 1) * ((width if rows else need - 1) + 1)
+                after = (rows + 1) * ((width if rows else self._start_width(request)) + 1)
             else:
                 after = self._held() + need + rows + 1
             if rows and after > self.kv_budget:
@@ -462,13 +467,22 @@ class Engine:
             else:
                 self._add_row(request)
 
+    def _start_width(self, request: Request) -> int:
+        """Slot positions: the time axis of a new batch that ``request`` starts (its tokens
+        but the last, or the headroom where the request still ends within the context)."""
+        head = len(request.prompt_ids) + len(request.token_ids) - 1
+        remaining = request.params.max_tokens - len(request.token_ids)
+        if self.slot_headroom + 1 + remaining <= self.context_length:
+            return max(head, self.slot_headroom)
+        return head
+
     def _join_aligned(self, request: Request) -> None:
         """Slot-position graphs: run the request's tokens but its last alone, over a masked
         zero past, so they end in the slot before the batch's next one."""
         tokens = list(request.prompt_ids) + list(request.token_ids)
         head = tokens[:-1]
         if not self._rows:
-            self._mask = np.zeros((0, len(head)), dtype=np.int64)
+            self._mask = np.zeros((0, self._start_width(request)), dtype=np.int64)
         width = self._mask.shape[1]
         row = self._add_row(request)
         row.pending = tokens[-1:]
