@@ -11,7 +11,8 @@ batch whose cache tensors share one time axis of ``T`` slots; ``mask [rows, T]``
 slots of a row hold its tokens (0 = a hole, never attended) and each row keeps its own
 position counter, fed as explicit ``position_ids``. One step is one graph call over every
 running row: a row still prefilling contributes a chunk of its prompt (chunks share the
-step's ``token_budget`` in FIFO order), a decoding row its one next token; a row with fewer
+step's ``token_budget`` in FIFO order, each at most ``token_budget // rows`` since the call
+computes rows × width positions, pads included), a decoding row its one next token; a row with fewer
 new tokens than the step's widest is left-padded inside the new-token block with mask 0. A
 request joins between steps (its row starts as ``T`` masked slots), leaves at once when
 finished or cancelled (its row is deleted: the cache memory is freed), and the time axis is
@@ -515,8 +516,11 @@ class Engine:
 
     def _plan(self, cap: int | None = None) -> int:
         """Each row's chunk for this step (decoders 1, prefills share the rest FIFO, each at
-        most ``cap``); returns the step's width."""
+        most ``cap`` and at most ``token_budget // rows``: the call computes rows × width
+        positions, pads included); returns the step's width."""
         budget = self.token_budget - sum(1 for r in self._rows if len(r.pending) == 1)
+        share = max(1, self.token_budget // len(self._rows))
+        cap = min(cap, share) if cap else share
         for row in self._rows:
             if len(row.pending) == 1:
                 row.chunk = 1
