@@ -371,6 +371,7 @@ class Server:
                     param="model",
                     code="model_not_found",
                 )
+            self._tokenizer()  # text out needs the tokenizer, even for a prompt of ids
             prompt_ids = self._chat_ids(args["messages"]) if chat else self._prompt_ids(args)
             params = self._request_params(args, prompt_ids, chat)
             handle = self._submit(prompt_ids, params)
@@ -383,7 +384,14 @@ class Server:
             events = self._events(job, ident, chat, args["stream_options"], route)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        text = await self._collect(job, request)
+        try:
+            text = await self._collect(job, request)
+            failure = self._failure(handle)
+        except Exception as error:  # the engine side failed: answer it, keep serving
+            failure = APIError(500, f"generation failed: {error}", type="server_error")
+        if failure is not None:
+            self.metrics.observe_request(route, failure.status)
+            return failure.response()
         if text is None:  # the client went away; nobody reads this
             self.metrics.observe_request(route, 499)
             return Response(status_code=499)
@@ -574,6 +582,13 @@ class Server:
                 job.handle.cancel()
         return text_task.result() if text_task in done else None
 
+    def _failure(self, handle: Any) -> APIError | None:
+        """The error of a request the engine finished with ``"error"`` (a failed graph call)."""
+        if handle.finish_reason != "error":
+            return None
+        reason = getattr(handle, "error", None) or "the engine failed"
+        return APIError(500, f"generation failed: {reason}", type="server_error")
+
     def _usage(self, handle: Any) -> dict[str, int]:
         prompt, completion = int(handle.prompt_tokens), int(handle.completion_tokens)
         return {
@@ -612,9 +627,18 @@ class Server:
         try:
             if chat:
                 yield chunk([choice("", None, role=True)])
-            async for piece in self._pieces(job):
-                yield chunk([choice(piece, None)])
+            try:
+                async for piece in self._pieces(job):
+                    yield chunk([choice(piece, None)])
+                failure = self._failure(handle)
+            except Exception as error:  # the engine side failed mid-stream
+                failure = APIError(500, f"generation failed: {error}", type="server_error")
             finished = True
+            if failure is not None:
+                yield f"data: {json.dumps(json.loads(failure.response().body))}\n\n"
+                yield "data: [DONE]\n\n"
+                self.metrics.observe_request(route, failure.status)
+                return
             yield chunk([choice(None, handle.finish_reason)])
             if include_usage:
                 yield chunk([], usage=self._usage(handle))

@@ -81,6 +81,7 @@ class ScriptedRequest:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self._tokens: queue.Queue = queue.Queue()
 
     def tokens(self, timeout: float | None = None) -> Iterator[int]:
@@ -127,6 +128,7 @@ class ScriptedEngine:
         self.gate.set()
         self.requests: list[ScriptedRequest] = []
         self.tokens_generated = 0
+        self.fail = False  # every step finishes its requests with "error"
         self.budget: int | None = None  # tokens allowed before every step holds (None: no limit)
         self.started = self.stopped_with_drain = False
         self._lock = threading.Condition()
@@ -164,6 +166,10 @@ class ScriptedEngine:
             running = list(self.requests[: self.max_running])
         for request in running:
             if request.finish_reason is not None:
+                continue
+            if self.fail:  # as the real engine does when a graph call raises
+                request.error = "RuntimeError: the graph call failed"
+                self.finish(request, "error")
                 continue
             token = self.script[request.completion_tokens % len(self.script)]
             request.completion_tokens += 1
@@ -405,6 +411,22 @@ def test_malformed_json_and_bad_chat_are_400_and_the_server_survives(scripted):
     # still serving after all of that
     result = scripted.client().completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert result.choices[0].text == script_text(scripted.engine, 2)
+
+
+def test_an_engine_failure_is_a_500_error_and_the_server_keeps_serving(scripted):
+    client, engine = scripted.client(), scripted.engine
+    engine.fail = True
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+    assert "the graph call failed" in raised.value.message
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{scripted.base}/v1/completions", json=body, timeout=WAIT) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error"
+    engine.fail = False
+    result = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+    assert result.choices[0].text == script_text(engine, 3)
 
 
 def test_api_key_is_required_everywhere(tokenizer_dir):
@@ -692,7 +714,13 @@ def test_a_disconnect_frees_the_engine_row(live_llama, generator):
 
     engine.step = held_step
     try:
-        body = {"model": "llama", "prompt": prompt, "max_tokens": 50, "stream": True}
+        body = {
+            "model": "llama",
+            "prompt": prompt,
+            "max_tokens": 50,
+            "temperature": 0,
+            "stream": True,
+        }
         with httpx.stream(
             "POST", f"{live_llama.base}/v1/completions", json=body, timeout=WAIT
         ) as r:
