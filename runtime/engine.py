@@ -26,7 +26,7 @@ never makes holes: every step is a decode call in which every row adds one token
 joining request's prompt (all but its last token) is first run alone in its own call, over a
 masked zero past, so that it lands in the slots just before the batch's next one (the same
 slot offset for all of its tokens, which RoPE does not see). A new batch's axis starts
-``slot_headroom`` slots long (masked; min(256, context / 8), where the first request still
+``slot_headroom`` slots long (masked; min(64, context / 8), where the first request still
 fits) so that prompts up to that length join at once; a longer one waits (FIFO) until the
 axis is at least as long as its prompt, and the axis is never compacted (that would shift
 the stored rotations); it restarts when the batch empties.
@@ -42,7 +42,8 @@ Additions to the agreed API: ``Engine(kv_budget=...)``; ``Request.text`` (the fi
 ``Engine(record_logits=True)``); ``Request.error`` and finish reason ``"error"`` when a graph call
 failed on the background thread; ``stats()`` also reports ``cache_slots`` (allocated rows × T),
 ``cache_rows``, ``preemptions``, ``compactions``, ``steps``, ``prompt_tokens``;
-``Engine.run_until_idle()``, ``Engine.has_work()``.
+``Engine.run_until_idle()``, ``Engine.has_work()``. Under slot positions the joins of one
+step prefill at most ``token_budget`` prompt tokens (at least one request).
 ``cache`` accepts ``"auto"`` or ``"plain"`` (NumPy arrays through ``session.run``).
 """
 
@@ -250,7 +251,7 @@ class Engine:
         )
         # slot positions: a new batch's time axis starts this long (masked) so that a prompt
         # of up to this many tokens can join it without waiting
-        self.slot_headroom = min(256, self.context_length // 8)
+        self.slot_headroom = min(64, self.context_length // 8)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Request] = deque()
@@ -445,10 +446,16 @@ class Engine:
 
     # ---------------------------------------------------------------- step
     def _admit(self) -> None:
-        width = self._mask.shape[1]
+        """Move queued requests (FIFO) into the batch while rows, memory and, for slot
+        positions, the step's token budget (their prefill calls run now) allow."""
+        joined = 0  # slot positions: prompt tokens prefilled by this step's joins
         while self._queue and len(self._rows) < self.max_running:
+            width = self._mask.shape[1]
             request = self._queue[0]
             need = len(request.prompt_ids) + len(request.token_ids)
+            if self.slot_positions and joined and joined + need > self.token_budget:
+                return
+            joined += need
             rows = len(self._rows)
             if self.slot_positions:
                 if rows and (
