@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/serve.py /tmp/smol --streams 1 4 16 --new-tokens 32
 
 For each stream count N: N requests with mixed prompt lengths (seeded) arrive over time
-(exponential gaps of mean ``--gap`` seconds); the engine (``max_running=N``) admits each on
-arrival and runs until all finish. The static batch is ``Generator.generate`` over the same N
-prompts at once: it cannot start before the last arrival, so its time to first token is that
-wait plus its prefill. Reported: aggregate tok/s (completion tokens / wall seconds from the
-first arrival to the last token), p50/p99 time to first token. One run per row (the machine
-is shared; numbers are indicative).
+(exponential gaps of mean ``--gap`` seconds, default 0.25); the engine
+(``max_running=N``) admits each on arrival and runs until all finish. The static batch is
+``Generator.generate`` over the same N prompts at once: it cannot start before the last
+arrival, so its time to first token is that wait plus its prefill. Reported: aggregate
+tok/s (completion tokens / wall seconds from the first arrival to the last token), p50/p99
+time to first token. One run per row (the machine is shared; numbers are indicative).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[8, 64])
-    parser.add_argument("--gap", type=float, default=0.05, help="mean seconds between arrivals")
+    parser.add_argument("--gap", type=float, default=0.25, help="mean seconds between arrivals")
     parser.add_argument("--token-budget", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
