@@ -268,8 +268,9 @@ class Engine:
             "preemptions": 0,
             "compactions": 0,
             "steps": 0,
+            "requests_finished": 0,
         }
-        self._ttft: list[float] = []
+        self._ttft: deque[float] = deque(maxlen=4096)  # the latest requests' TTFTs
 
     # ------------------------------------------------------------------ API
     def submit(self, prompt_ids: list[int], params: RequestParams | None = None) -> Request:
@@ -302,7 +303,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters: queue_depth, running, tokens_generated, prompt_tokens, preemptions,
-        steps, cache_rows, cache_slots (allocated), kv_budget, ttft_seconds (per request)."""
+        steps, cache_rows, cache_slots (allocated), kv_budget, ttft_seconds (seconds from submit
+        to first token of the latest 4096 requests) and requests_finished."""
         with self._lock:
             return {
                 **self._stats,
@@ -632,6 +634,7 @@ class Engine:
         request._emit(token, piece)
         if reason:
             request._finish(reason)
+            self._stats["requests_finished"] += 1
             return True
         row.pending = [token]
         return False
