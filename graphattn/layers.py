@@ -124,33 +124,21 @@ def attention(
         return latent_attention(g, spec, x, w, prefix, io, scope)
     if spec.sparse is not None:
         return sparse_attention(g, spec, x, w, prefix, io, scope)
-    weights = {}
-    for part in ("q", "k", "v", "o", "q_norm", "k_norm"):
-        for kind in ("weight", "bias"):
-            if f"{prefix}{part}.{kind}" in w:
-                weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    weights = _part_weights(w, prefix, ("q", "k", "v", "o", "q_norm", "k_norm"))
     if spec.sinks or f"{prefix}sinks" in w:  # attention sinks [H] (GPT-OSS)
         weights["sinks"] = w[f"{prefix}sinks"]
     qk_norm = "none"
     if spec.qk_norm is not None:
         qk_norm = f"{spec.qk_norm.kind}_{spec.qk_norm_scope}"
-    rope = spec.rope
     return self_attention_block(
         g,
         x,
         weights,
         bias_B1ST=io.bias,
-        past_key_BKPD=io.pasts[0],
-        past_value_BKPD=io.pasts[1],
-        num_heads=spec.num_heads,
-        kv_heads=spec.kv_heads,
-        head_dim=spec.head_dim,
-        scale=spec.effective_scale,
+        **_heads_and_pasts(spec, io),
         softcap=spec.softcap,
         window=spec.window,
-        rope="none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
-        cos_sin=io.cos_sin,
-        rotary_dim=0 if rope is None else rope.rotary_dim,
+        **_rope_arguments(spec, io.cos_sin),
         qk_norm=qk_norm,
         qk_norm_epsilon=spec.qk_norm.epsilon if spec.qk_norm is not None else 1e-6,
         clip_qkv=spec.clip_qkv,
@@ -222,11 +210,7 @@ def sparse_attention(
     ``(output [B, S, C], present_key, present_value [B, Hkv, T, D])``; a routed layer's
     present key is before RoPE."""
     sp = spec.sparse
-    weights = {}
-    for part in ("q", "k", "v", "o", "gate"):
-        for kind in ("weight", "bias"):
-            if f"{prefix}{part}.{kind}" in w:
-                weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    weights = _part_weights(w, prefix, ("q", "k", "v", "o", "gate"))
     for role in HEAD_GATES:
         if f"{prefix}{role}" in w:
             weights[role] = w[f"{prefix}{role}"]
@@ -236,30 +220,54 @@ def sparse_attention(
     cos_sin = io.cos_sin_all if routed else io.cos_sin
     if spec.rope is not None and cos_sin is None:
         raise ValueError(f"{prefix}: {sp.kind} attention needs its RoPE tables")
-    rope = spec.rope
     return sparse_attention_block(
         g,
         x,
         weights,
         kind=sp.kind,
         attention_mask_BT=io.attention_mask,
-        past_key_BKPD=io.pasts[0],
-        past_value_BKPD=io.pasts[1],
-        num_heads=spec.num_heads,
-        kv_heads=spec.kv_heads,
-        head_dim=spec.head_dim,
+        **_heads_and_pasts(spec, io),
         block_size=sp.block_size,
         top_blocks=sp.top_blocks,
         top_tokens=sp.top_tokens,
         window=sp.window,
         selection=sp.selection,
         gates=sp.gates,
-        scale=spec.effective_scale,
-        rope="none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
-        cos_sin=cos_sin if rope is not None else None,
-        rotary_dim=0 if rope is None else rope.rotary_dim,
+        **_rope_arguments(spec, cos_sin if spec.rope is not None else None),
         name=f"{scope}/attn",
     )
+
+
+def _part_weights(w: Weights, prefix: str, parts: tuple[str, ...]) -> dict[str, ir.Value]:
+    """``{part}_weight`` / ``{part}_bias`` for each of ``parts`` that the layer has."""
+    weights = {}
+    for part in parts:
+        for kind in ("weight", "bias"):
+            if f"{prefix}{part}.{kind}" in w:
+                weights[f"{part}_{kind}"] = w[f"{prefix}{part}.{kind}"]
+    return weights
+
+
+def _heads_and_pasts(spec: AttentionSpec, io: LayerInputs) -> dict[str, object]:
+    """The attention block arguments for the KV cache, the heads and the scale."""
+    return {
+        "past_key_BKPD": io.pasts[0],
+        "past_value_BKPD": io.pasts[1],
+        "num_heads": spec.num_heads,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "scale": spec.effective_scale,
+    }
+
+
+def _rope_arguments(spec: AttentionSpec, cos_sin) -> dict[str, object]:
+    """``rope`` (none / halves / interleaved), ``cos_sin`` and ``rotary_dim`` of a block call."""
+    rope = spec.rope
+    return {
+        "rope": "none" if rope is None else ("interleaved" if rope.interleaved else "halves"),
+        "cos_sin": cos_sin,
+        "rotary_dim": 0 if rope is None else rope.rotary_dim,
+    }
 
 
 def _activation(g: GraphEmitter, kind: str, x: ir.Value, name: str) -> ir.Value:

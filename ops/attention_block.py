@@ -126,6 +126,114 @@ def _ref(name: str, kind: ir.AttributeType, as_name: str | None = None) -> ir.At
     return ir.RefAttr(as_name or name, name, kind)
 
 
+# ------------------------------------------------ shared with the sparse block (sparse_block)
+def _check_rope(rope: str) -> None:
+    if rope not in ROPE_KINDS:
+        raise ValueError(f"rope must be one of {', '.join(ROPE_KINDS)}, got {rope!r}")
+
+
+def _check_rope_tables(rope: str, cos_sin: object, rotary_dim: int, head_dim: int) -> None:
+    if (rope == "none") != (cos_sin is None):
+        raise ValueError("cos_sin must be given exactly when rope is halves or interleaved")
+    if rope != "none" and (rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim):
+        raise ValueError(f"rotary_dim must be even in [2, head_dim={head_dim}], got {rotary_dim}")
+
+
+def _missing_projections(weights: Mapping[str, ir.Value], roles: tuple[str, ...], what: str):
+    """The missing ``q/k/v/o_weight`` roles, after refusing roles outside ``roles``."""
+    unknown = set(weights) - set(roles)
+    if unknown:
+        raise ValueError(f"{what}: unknown weight roles {sorted(unknown)}")
+    return [f"{p}_weight" for p in "qkvo" if f"{p}_weight" not in weights]
+
+
+def _block_inputs(
+    x_BSC: ir.Value,
+    weights: Mapping[str, ir.Value],
+    roles_in_order: tuple[str, ...],
+    cos_sin: tuple[ir.Value, ir.Value] | None,
+    last: Mapping[str, ir.Value],
+) -> tuple[tuple[str, ...], list[ir.Value]]:
+    """The call's ``(input_roles, inputs)``: x, the weights present, cos/sin, then ``last``."""
+    roles = ("x", *(r for r in roles_in_order if r in weights))
+    values = [x_BSC, *(weights[r] for r in roles[1:])]
+    if cos_sin is not None:
+        roles += ("cos", "sin")
+        values += list(cos_sin)
+    roles += tuple(last)
+    values += list(last.values())
+    return roles, values
+
+
+def _projection(b: GraphEmitter, inputs: Mapping[str, ir.Value]):
+    """``linear(part, x)``: ``x W_part (+ b_part)`` in the body ``b``."""
+
+    def linear(part: str, x: ir.Value) -> ir.Value:
+        y = b.op("MatMul", [x, inputs[f"{part}_weight"]], name=f"{part}_proj")
+        if f"{part}_bias" in inputs:
+            y = b.op("Add", [y, inputs[f"{part}_bias"]], name=f"{part}_proj/bias")
+        return y
+
+    return linear
+
+
+def _head_counts() -> dict[str, ir.Attr]:
+    """SplitHeads' ``heads`` per projection, read from the call's num_heads / kv_heads."""
+    heads = {"q": _ref("num_heads", _INT, "heads"), "k": _ref("kv_heads", _INT, "heads")}
+    heads["v"] = heads["k"]
+    return heads
+
+
+def _rotate(b: GraphEmitter, rope: str, inputs, q: ir.Value, k: ir.Value):
+    """``q, k`` rotated by the body's cos/sin inputs (``rope`` halves or interleaved)."""
+    rotary = RotaryInterleaved if rope == "interleaved" else RotaryHalves
+    cos, sin = inputs["cos"], inputs["sin"]
+    q = b.call(rotary, [q, cos, sin], name="q_rotary")
+    k = b.call(rotary, [k, cos, sin], name="k_rotary")
+    return q, k
+
+
+def _present(b: GraphEmitter, inputs, k: ir.Value, v: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The presents ``Concat(past, k or v)`` along T."""
+    key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
+    value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
+    return key, value
+
+
+def _finish_body(b: GraphEmitter, merged: ir.Value, linear, key: ir.Value, value: ir.Value):
+    """``y = merged W_o (+ b_o)``; the body's outputs (output, present_key, present_value)."""
+    output = linear("o", merged)
+    for value_out, label in ((output, "output"), (key, "present_key"), (value, "present_value")):
+        b.output(value_out, label, ir.DataType.UNDEFINED)
+        b.graph.outputs[-1].type = None
+    return b
+
+
+def _call_block(
+    g: GraphEmitter,
+    function_name: str,
+    body: GraphEmitter,
+    attributes: tuple[tuple[str, ir.AttributeType], ...],
+    attribute_values: Mapping[str, object],
+    values: list[ir.Value],
+    name: str,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Define the block function ``function_name`` (declaring ``attributes``) and call it."""
+    declared = [ir.Attr(n, kind, None) for n, kind in attributes]
+    g.define(body.function_body(function_name, declared), body.functions)
+    call_attrs = {
+        n: ir.Attr(n, kind, list(v) if isinstance(v, tuple) else v)
+        for (n, kind), v in zip(attributes, attribute_values.values())
+    }
+    return g.call_defined(
+        function_name,
+        values,
+        call_attrs,
+        name=name,
+        outputs=("output", "present_key", "present_value"),
+    )
+
+
 def _structure_name(roles: tuple[str, ...], attrs: BlockAttributes) -> str:
     """``SelfAttention`` plus a token per structural feature, in a fixed order."""
     tokens = []
@@ -156,12 +264,7 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     """The function body for one structure (see module docstring)."""
     b = GraphEmitter("body")
     inputs = {role: b.input(role, None, None) for role in roles}
-
-    def linear(part: str, x: ir.Value) -> ir.Value:
-        y = b.op("MatMul", [x, inputs[f"{part}_weight"]], name=f"{part}_proj")
-        if f"{part}_bias" in inputs:
-            y = b.op("Add", [y, inputs[f"{part}_bias"]], name=f"{part}_proj/bias")
-        return y
+    linear = _projection(b, inputs)
 
     def norm(part: str, x: ir.Value) -> ir.Value:
         weight, bias = inputs.get(f"{part}_norm_weight"), inputs.get(f"{part}_norm_bias")
@@ -190,8 +293,7 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
         )
     if attrs.qk_norm.endswith("full"):
         q, k = norm("q", q), norm("k", k)
-    heads = {"q": _ref("num_heads", _INT, "heads"), "k": _ref("kv_heads", _INT, "heads")}
-    heads["v"] = heads["k"]
+    heads = _head_counts()
     q, k, v = (
         b.call(SplitHeads, [t], {"heads": heads[part]}, name=f"{part}_heads")
         for part, t in zip("qkv", (q, k, v))
@@ -199,12 +301,8 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     if attrs.qk_norm.endswith("head"):
         q, k = norm("q", q), norm("k", k)
     if attrs.rope != "none":
-        rotary = RotaryInterleaved if attrs.rope == "interleaved" else RotaryHalves
-        cos, sin = inputs["cos"], inputs["sin"]
-        q = b.call(rotary, [q, cos, sin], name="q_rotary")
-        k = b.call(rotary, [k, cos, sin], name="k_rotary")
-    key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
-    value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
+        q, k = _rotate(b, attrs.rope, inputs, q, k)
+    key, value = _present(b, inputs, k, v)
     variant = _VARIANTS[(bool(attrs.softcap), False)]
     scores_in = [q, key, value, inputs["bias"]]
     if attrs.alibi:
@@ -219,11 +317,7 @@ def _body(attrs: BlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
         score_attrs["softcap"] = _ref("softcap", _FLOAT)
     mixed = b.call(variant, scores_in, score_attrs, name="sdpa")
     merged = b.call(MergeHeads, [mixed], name="merge_heads")
-    output = linear("o", merged)
-    for value_out, label in ((output, "output"), (key, "present_key"), (value, "present_value")):
-        b.output(value_out, label, ir.DataType.UNDEFINED)
-        b.graph.outputs[-1].type = None
-    return b
+    return _finish_body(b, merged, linear, key, value)
 
 
 def self_attention_block(
@@ -262,18 +356,11 @@ def self_attention_block(
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else _check_positive("scale", scale)
     softcap = _check_positive("softcap", softcap) or 0.0
     clip_qkv = _check_positive("clip_qkv", clip_qkv) or 0.0
-    if rope not in ROPE_KINDS:
-        raise ValueError(f"rope must be one of {', '.join(ROPE_KINDS)}, got {rope!r}")
+    _check_rope(rope)
     if qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm must be one of {', '.join(QK_NORMS)}, got {qk_norm!r}")
-    if (rope == "none") != (cos_sin is None):
-        raise ValueError("cos_sin must be given exactly when rope is halves or interleaved")
-    if rope != "none" and (rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim):
-        raise ValueError(f"rotary_dim must be even in [2, head_dim={head_dim}], got {rotary_dim}")
-    unknown = set(weights) - set(ROLES)
-    if unknown:
-        raise ValueError(f"attention block: unknown weight roles {sorted(unknown)}")
-    missing = [f"{p}_weight" for p in "qkvo" if f"{p}_weight" not in weights]
+    _check_rope_tables(rope, cos_sin, rotary_dim, head_dim)
+    missing = _missing_projections(weights, ROLES, "attention block")
     if missing:
         raise ValueError(f"attention block: missing weights {missing}")
     require_rank(x_BSC, 3, "x")
@@ -281,13 +368,8 @@ def self_attention_block(
         _check_sinks(weights["sinks"], num_heads, softcap=bool(softcap), ssmax=False)
         if alibi:
             raise ValueError("attention sinks with ALiBi are not supported")
-    roles = ("x", *(r for r in ROLES if r in weights))
-    values = [x_BSC, *(weights[r] for r in roles[1:])]
-    if cos_sin is not None:
-        roles += ("cos", "sin")
-        values += list(cos_sin)
-    roles += ("bias", "past_key", "past_value")
-    values += [bias_B1ST, past_key_BKPD, past_value_BKPD]
+    last = {"bias": bias_B1ST, "past_key": past_key_BKPD, "past_value": past_value_BKPD}
+    roles, values = _block_inputs(x_BSC, weights, ROLES, cos_sin, last)
     attrs = BlockAttributes(
         num_heads=num_heads,
         kv_heads=kv_heads,
@@ -306,19 +388,7 @@ def self_attention_block(
     )
     function_name = _structure_name(roles, attrs)
     body = _body(attrs, roles)
-    declared = [ir.Attr(n, kind, None) for n, kind in ATTRIBUTES]
-    g.define(body.function_body(function_name, declared), body.functions)
-    call_attrs = {
-        n: ir.Attr(n, kind, list(v) if isinstance(v, tuple) else v)
-        for (n, kind), v in zip(ATTRIBUTES, attrs.as_dict().values())
-    }
-    return g.call_defined(
-        function_name,
-        values,
-        call_attrs,
-        name=name,
-        outputs=("output", "present_key", "present_value"),
-    )
+    return _call_block(g, function_name, body, ATTRIBUTES, attrs.as_dict(), values, name)
 
 
 def is_block(node: ir.Node) -> bool:

@@ -25,9 +25,26 @@ DROPPED_BELOW = -10000.0
 _REGISTRY: dict[str, OnnxFunction] = {}
 
 
-def graphattn_function(python_function) -> OnnxFunction:
-    """Compile ``python_function`` as an onnxscript function in domain graphattn and register it."""
+def graphattn_function(
+    python_function, *, name: str | None = None, doc: str | None = None
+) -> OnnxFunction:
+    """Compile ``python_function`` as an onnxscript function in domain graphattn and register it.
+
+    ``name``/``doc`` give the function another name and docstring than its ``def``: one body
+    written once in a factory (its free variables choosing the functions it calls) is then
+    compiled into several named functions."""
+    if name is not None:
+        python_function.__name__ = python_function.__qualname__ = name
+    if doc is not None:
+        python_function.__doc__ = doc
     compiled = script(graphattn, default_opset=op)(python_function)
+    if name is not None or doc is not None:
+        function_ir = compiled.function_ir
+        function_ir.name = function_ir.graph.name = name or function_ir.name
+        function_ir.doc_string = doc if doc is not None else function_ir.doc_string
+        compiled = OnnxFunction(
+            graphattn, python_function, function_ir, compiled.source, compiled.kwargs
+        )
     if compiled.name in _REGISTRY:
         raise ValueError(f"graphattn function {compiled.name!r} is defined twice")
     _REGISTRY[compiled.name] = compiled

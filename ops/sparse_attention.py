@@ -67,6 +67,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 from onnxscript import BOOL, FLOAT, INT64
+from onnxscript.values import OnnxFunction
 
 from graphattn.ops.attention import MaskedSoftmaxMix, _check_heads, _check_positive
 from graphattn.ops.domain import MASKED_BIAS, graphattn_function, op
@@ -681,126 +682,81 @@ def QueryRows(table_BTR, query_BHSD):
     return op.Unsqueeze(op.Slice(table_BTR, op.Neg(length), [9223372036854775807], [1]), [1])
 
 
-@graphattn_function
-def SparseRoutedAttention(
-    query_BHSD,
-    key_BKTD,
-    value_BKTD,
-    attention_mask_BT,
-    cos_BTR,
-    sin_BTR,
-    segment_size: int,
-    top_k: int,
-    scale: float,
-    shared: int,
-):
-    """output [B, H, S, D]: routed attention with split-halves RoPE (module docstring)."""
-    chosen = RoutedSelection(
+def _routed_attention(rotary: OnnxFunction, name: str, doc: str) -> OnnxFunction:
+    """The routed attention function ``name`` rotating the query and keys with ``rotary``
+    (SparseRotaryHalves or SparseRotaryInterleaved): both variants compile this one body."""
+
+    def SparseRoutedAttention(
         query_BHSD,
         key_BKTD,
+        value_BKTD,
         attention_mask_BT,
-        segment_size=segment_size,
-        top_k=top_k,
-        shared=shared,
-    )
-    rotated_query = SparseRotaryHalves(
-        query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
-    )
-    # decode copies and rotates the chosen keys; prefill rotates every key once and masks
-    # (see NsaCoarse; the prefill keys are cut to length 0 when decoding)
-    split = DecodeQueries(query_BHSD)
-    last = [9223372036854775807]
-    slots = SelectedBlockSlots(
-        op.Slice(chosen, [0], split, [3]), attention_mask_BT, block_size=segment_size
-    )
-    rotated_keys = SparseRotaryHalves(
-        GatherSlots(key_BKTD, slots),
-        GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots),
-        GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots),
-    )
-    decode = SelectedAttention(
-        op.Slice(rotated_query, [0], split, [2]),
-        rotated_keys,
-        GatherSlots(value_BKTD, slots),
-        slots,
-        scale=scale,
-    )
-    keys_used = op.Mul(op.Slice(op.Shape(key_BKTD), [2], [3]), op.Sub([1], split))
-    prefill_keys = op.Slice(key_BKTD, [0], keys_used, [2])
-    rotated_all = SparseRotaryHalves(
-        prefill_keys,
-        op.Unsqueeze(op.Slice(cos_BTR, [0], keys_used, [1]), [1]),
-        op.Unsqueeze(op.Slice(sin_BTR, [0], keys_used, [1]), [1]),
-    )
-    keep = ChosenBlockKeep(
-        attention_mask_BT, op.Slice(chosen, split, last, [3]), block_size=segment_size
-    )
-    scores = KeyScores(op.Slice(rotated_query, split, last, [2]), rotated_all, scale=scale)
-    prefill = KeepSoftmaxMix(
-        scores, op.Slice(keep, [0], keys_used, [4]), op.Slice(value_BKTD, [0], keys_used, [2])
-    )
-    return op.Concat(decode, prefill, axis=2)
+        cos_BTR,
+        sin_BTR,
+        segment_size: int,
+        top_k: int,
+        scale: float,
+        shared: int,
+    ):
+        chosen = RoutedSelection(
+            query_BHSD,
+            key_BKTD,
+            attention_mask_BT,
+            segment_size=segment_size,
+            top_k=top_k,
+            shared=shared,
+        )
+        rotated_query = rotary(
+            query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
+        )
+        # decode copies and rotates the chosen keys; prefill rotates every key once and masks
+        # (see NsaCoarse; the prefill keys are cut to length 0 when decoding)
+        split = DecodeQueries(query_BHSD)
+        last = [9223372036854775807]
+        slots = SelectedBlockSlots(
+            op.Slice(chosen, [0], split, [3]), attention_mask_BT, block_size=segment_size
+        )
+        rotated_keys = rotary(
+            GatherSlots(key_BKTD, slots),
+            GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots),
+            GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots),
+        )
+        decode = SelectedAttention(
+            op.Slice(rotated_query, [0], split, [2]),
+            rotated_keys,
+            GatherSlots(value_BKTD, slots),
+            slots,
+            scale=scale,
+        )
+        keys_used = op.Mul(op.Slice(op.Shape(key_BKTD), [2], [3]), op.Sub([1], split))
+        prefill_keys = op.Slice(key_BKTD, [0], keys_used, [2])
+        rotated_all = rotary(
+            prefill_keys,
+            op.Unsqueeze(op.Slice(cos_BTR, [0], keys_used, [1]), [1]),
+            op.Unsqueeze(op.Slice(sin_BTR, [0], keys_used, [1]), [1]),
+        )
+        keep = ChosenBlockKeep(
+            attention_mask_BT, op.Slice(chosen, split, last, [3]), block_size=segment_size
+        )
+        scores = KeyScores(op.Slice(rotated_query, split, last, [2]), rotated_all, scale=scale)
+        prefill = KeepSoftmaxMix(
+            scores, op.Slice(keep, [0], keys_used, [4]), op.Slice(value_BKTD, [0], keys_used, [2])
+        )
+        return op.Concat(decode, prefill, axis=2)
+
+    return graphattn_function(SparseRoutedAttention, name=name, doc=doc)
 
 
-@graphattn_function
-def SparseRoutedAttentionInterleaved(
-    query_BHSD,
-    key_BKTD,
-    value_BKTD,
-    attention_mask_BT,
-    cos_BTR,
-    sin_BTR,
-    segment_size: int,
-    top_k: int,
-    scale: float,
-    shared: int,
-):
-    """output [B, H, S, D]: routed attention with interleaved (GPT-J) RoPE."""
-    chosen = RoutedSelection(
-        query_BHSD,
-        key_BKTD,
-        attention_mask_BT,
-        segment_size=segment_size,
-        top_k=top_k,
-        shared=shared,
-    )
-    rotated_query = SparseRotaryInterleaved(
-        query_BHSD, QueryRows(cos_BTR, query_BHSD), QueryRows(sin_BTR, query_BHSD)
-    )
-    # decode copies and rotates the chosen keys; prefill rotates every key once and masks
-    # (see NsaCoarse; the prefill keys are cut to length 0 when decoding)
-    split = DecodeQueries(query_BHSD)
-    last = [9223372036854775807]
-    slots = SelectedBlockSlots(
-        op.Slice(chosen, [0], split, [3]), attention_mask_BT, block_size=segment_size
-    )
-    rotated_keys = SparseRotaryInterleaved(
-        GatherSlots(key_BKTD, slots),
-        GatherSlots(op.Unsqueeze(cos_BTR, [1]), slots),
-        GatherSlots(op.Unsqueeze(sin_BTR, [1]), slots),
-    )
-    decode = SelectedAttention(
-        op.Slice(rotated_query, [0], split, [2]),
-        rotated_keys,
-        GatherSlots(value_BKTD, slots),
-        slots,
-        scale=scale,
-    )
-    keys_used = op.Mul(op.Slice(op.Shape(key_BKTD), [2], [3]), op.Sub([1], split))
-    prefill_keys = op.Slice(key_BKTD, [0], keys_used, [2])
-    rotated_all = SparseRotaryInterleaved(
-        prefill_keys,
-        op.Unsqueeze(op.Slice(cos_BTR, [0], keys_used, [1]), [1]),
-        op.Unsqueeze(op.Slice(sin_BTR, [0], keys_used, [1]), [1]),
-    )
-    keep = ChosenBlockKeep(
-        attention_mask_BT, op.Slice(chosen, split, last, [3]), block_size=segment_size
-    )
-    scores = KeyScores(op.Slice(rotated_query, split, last, [2]), rotated_all, scale=scale)
-    prefill = KeepSoftmaxMix(
-        scores, op.Slice(keep, [0], keys_used, [4]), op.Slice(value_BKTD, [0], keys_used, [2])
-    )
-    return op.Concat(decode, prefill, axis=2)
+SparseRoutedAttention = _routed_attention(
+    SparseRotaryHalves,
+    "SparseRoutedAttention",
+    "output [B, H, S, D]: routed attention with split-halves RoPE (module docstring).",
+)
+SparseRoutedAttentionInterleaved = _routed_attention(
+    SparseRotaryInterleaved,
+    "SparseRoutedAttentionInterleaved",
+    "output [B, H, S, D]: routed attention with interleaved (GPT-J) RoPE.",
+)
 
 
 # ------------------------------------------------------------------------------ emitters

@@ -42,10 +42,22 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.ops.attention import _check_heads, _check_positive
+from graphattn.ops.attention_block import (
+    _block_inputs,
+    _call_block,
+    _check_rope,
+    _check_rope_tables,
+    _finish_body,
+    _head_counts,
+    _missing_projections,
+    _present,
+    _projection,
+    _ref,
+    _rotate,
+)
 from graphattn.ops.domain import DOMAIN
 from graphattn.ops.emit import GraphEmitter, require_rank
 from graphattn.ops.heads import MergeHeads, SplitHeads
-from graphattn.ops.rotary import RotaryHalves, RotaryInterleaved
 from graphattn.ops.sparse_attention import (
     NativeSparseAttention,
     SparseRoutedAttention,
@@ -126,10 +138,6 @@ class SparseBlockAttributes:
         return {name: getattr(self, name) for name, _ in ATTRIBUTES}
 
 
-def _ref(name: str, kind: ir.AttributeType, as_name: str | None = None) -> ir.Attr:
-    return ir.RefAttr(as_name or name, name, kind)
-
-
 def _structure_name(roles: tuple[str, ...], attrs: SparseBlockAttributes) -> str:
     tokens = []
     if attrs.kind == "native_sparse":
@@ -150,16 +158,9 @@ def _body(attrs: SparseBlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     """The function body for one structure (see the module docstring)."""
     b = GraphEmitter("body")
     inputs = {role: b.input(role, None, None) for role in roles}
-
-    def linear(part: str, x: ir.Value) -> ir.Value:
-        y = b.op("MatMul", [x, inputs[f"{part}_weight"]], name=f"{part}_proj")
-        if f"{part}_bias" in inputs:
-            y = b.op("Add", [y, inputs[f"{part}_bias"]], name=f"{part}_proj/bias")
-        return y
-
+    linear = _projection(b, inputs)
     x = inputs["x"]
-    heads = {"q": _ref("num_heads", _INT, "heads"), "k": _ref("kv_heads", _INT, "heads")}
-    heads["v"] = heads["k"]
+    heads = _head_counts()
     q, k, v = (
         b.call(SplitHeads, [linear(part, x)], {"heads": heads[part]}, name=f"{part}_heads")
         for part in "qkv"
@@ -171,11 +172,8 @@ def _body(attrs: SparseBlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
     }
     if attrs.kind == "native_sparse":
         if attrs.rope != "none":
-            rotary = RotaryInterleaved if attrs.rope == "interleaved" else RotaryHalves
-            q = b.call(rotary, [q, inputs["cos"], inputs["sin"]], name="q_rotary")
-            k = b.call(rotary, [k, inputs["cos"], inputs["sin"]], name="k_rotary")
-        key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
-        value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
+            q, k = _rotate(b, attrs.rope, inputs, q, k)
+        key, value = _present(b, inputs, k, v)
         if attrs.gates == "head":
             shape = b.constant("gate_shape", np.array([1, -1, 1, 1], dtype=np.int64))
             gates = [
@@ -203,8 +201,7 @@ def _body(attrs: SparseBlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
             NativeSparseAttention, [q, key, value, mask, *gates], sparse_attrs, name="nsa"
         )
     else:
-        key = b.op("Concat", [inputs["past_key"], k], {"axis": 2}, name="present_key")
-        value = b.op("Concat", [inputs["past_value"], v], {"axis": 2}, name="present_value")
+        key, value = _present(b, inputs, k, v)
         function = (
             SparseRoutedAttentionInterleaved
             if attrs.rope == "interleaved"
@@ -222,11 +219,7 @@ def _body(attrs: SparseBlockAttributes, roles: tuple[str, ...]) -> GraphEmitter:
             name="routed",
         )
     merged = b.call(MergeHeads, [mixed], name="merge_heads")
-    output = linear("o", merged)
-    for value_out, label in ((output, "output"), (key, "present_key"), (value, "present_value")):
-        b.output(value_out, label, ir.DataType.UNDEFINED)
-        b.graph.outputs[-1].type = None
-    return b
+    return _finish_body(b, merged, linear, key, value)
 
 
 def _count(parameter: str, value: object) -> int:
@@ -275,20 +268,13 @@ def sparse_attention_block(
         )
     _check_heads(num_heads, kv_heads, head_dim)
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else _check_positive("scale", scale)
-    if rope not in ROPE_KINDS:
-        raise ValueError(f"rope must be one of {', '.join(ROPE_KINDS)}, got {rope!r}")
+    _check_rope(rope)
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-    if (rope == "none") != (cos_sin is None):
-        raise ValueError("cos_sin must be given exactly when rope is halves or interleaved")
-    if rope != "none" and (rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim):
-        raise ValueError(f"rotary_dim must be even in [2, head_dim={head_dim}], got {rotary_dim}")
+    _check_rope_tables(rope, cos_sin, rotary_dim, head_dim)
     _count("block_size", block_size)
     _count("top_blocks", top_blocks)
-    unknown = set(weights) - set(ROLES)
-    if unknown:
-        raise ValueError(f"sparse attention block: unknown weight roles {sorted(unknown)}")
-    missing = [f"{p}_weight" for p in "qkvo" if f"{p}_weight" not in weights]
+    missing = _missing_projections(weights, ROLES, "sparse attention block")
     if kind == "native_sparse":
         _count("top_tokens", top_tokens)
         _count("window", window)
@@ -313,13 +299,12 @@ def sparse_attention_block(
         raise ValueError(f"{kind.replace('_', ' ')} attention block: missing weights {missing}")
     require_rank(x_BSC, 3, "x")
     require_rank(attention_mask_BT, 2, "attention_mask")
-    roles = ("x", *(r for r in ROLES if r in weights))
-    values = [x_BSC, *(weights[r] for r in roles[1:])]
-    if cos_sin is not None:
-        roles += ("cos", "sin")
-        values += list(cos_sin)
-    roles += ("attention_mask", "past_key", "past_value")
-    values += [attention_mask_BT, past_key_BKPD, past_value_BKPD]
+    last = {
+        "attention_mask": attention_mask_BT,
+        "past_key": past_key_BKPD,
+        "past_value": past_value_BKPD,
+    }
+    roles, values = _block_inputs(x_BSC, weights, ROLES, cos_sin, last)
     attrs = SparseBlockAttributes(
         kind=kind,
         num_heads=num_heads,
@@ -338,19 +323,7 @@ def sparse_attention_block(
     )
     function_name = _structure_name(roles, attrs)
     body = _body(attrs, roles)
-    declared = [ir.Attr(n, kind_, None) for n, kind_ in ATTRIBUTES]
-    g.define(body.function_body(function_name, declared), body.functions)
-    call_attrs = {
-        n: ir.Attr(n, kind_, list(v) if isinstance(v, tuple) else v)
-        for (n, kind_), v in zip(ATTRIBUTES, attrs.as_dict().values())
-    }
-    return g.call_defined(
-        function_name,
-        values,
-        call_attrs,
-        name=name,
-        outputs=("output", "present_key", "present_value"),
-    )
+    return _call_block(g, function_name, body, ATTRIBUTES, attrs.as_dict(), values, name)
 
 
 def sparse_kind(node: ir.Node) -> str | None:
