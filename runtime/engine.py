@@ -515,7 +515,7 @@ class Engine:
     def _preempt(self, new_tokens: int) -> None:
         """Evict the youngest rows until this step's tokens fit in the KV budget."""
         while len(self._rows) > 1:
-            grow = self._mask.shape[0] * new_tokens if self.slot_positions else new_tokens
+            grow = self._mask.shape[0] if self.slot_positions else new_tokens  # one slot a row
             if self._held() + grow <= self.kv_budget:
                 return
             row = self._rows[-1]
