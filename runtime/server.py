@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -383,7 +384,14 @@ class Server:
         if args["stream"]:
             events = self._events(job, ident, chat, args["stream_options"], route)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            # the background task runs after the response, a disconnect included: it cancels a
+            # request whose event stream never started (so its finally never ran)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers=headers,
+                background=BackgroundTask(self._cancel_unfinished, handle),
+            )
         try:
             text = await self._collect(job, request)
             failure = self._failure(handle)
@@ -581,6 +589,11 @@ class Server:
                 text_task.cancel()
                 job.handle.cancel()
         return text_task.result() if text_task in done else None
+
+    @staticmethod
+    def _cancel_unfinished(handle: Any) -> None:
+        if handle.finish_reason is None:
+            handle.cancel()
 
     def _failure(self, handle: Any) -> APIError | None:
         """The error of a request the engine finished with ``"error"`` (a failed graph call)."""
