@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoints
-import httpx
 import numpy as np
 import pytest
 import tiny_tokenizer
 
 openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra installs uvicorn")
+httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
+pytest.importorskip("starlette", reason="the serve extra installs starlette")
 
 from graphattn import export  # noqa: E402
 from graphattn.runtime import Generator, PlainCache  # noqa: E402
