@@ -24,7 +24,6 @@ import contextlib
 import hmac
 import json
 import math
-import sys
 import threading
 import time
 import uuid
@@ -38,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from graphattn.runtime.engine import PromptTooLong, QueueFull, RequestParams
 
 MAX_BODY_BYTES = 4 * 2**20
 MAX_STOP_STRINGS = 4
@@ -290,12 +291,6 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.metrics = Metrics()
         self.created = int(time.time())
-        # RequestParams and the exceptions come from the engine's own module, so any engine
-        # with the same contract (a test double included) is served the same way
-        engine_module = sys.modules[type(engine).__module__]
-        self._queue_full = getattr(engine_module, "QueueFull", ())
-        self._too_long = getattr(engine_module, "PromptTooLong", ())
-        self._params = engine_module.RequestParams
 
     # ------------------------------------------------------------------ app
     def app(self) -> ASGIApp:
@@ -510,7 +505,7 @@ class Server:
                 "context_length_exceeded",
             )
         try:
-            return self._params(
+            return RequestParams(
                 max_tokens=max_tokens,
                 temperature=args["temperature"],
                 top_p=args["top_p"],
@@ -525,7 +520,7 @@ class Server:
     def _submit(self, prompt_ids: list[int], params: Any) -> Any:
         try:
             return self.engine.submit(prompt_ids, params)
-        except self._queue_full as error:
+        except QueueFull as error:
             raise APIError(
                 429,
                 f"the server is busy ({error}); retry later",
@@ -533,7 +528,7 @@ class Server:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
-        except self._too_long as error:
+        except PromptTooLong as error:
             raise _bad("prompt", str(error), "context_length_exceeded") from None
         except ValueError as error:  # the engine refuses the prompt (empty, ids out of vocab)
             raise _bad("prompt", str(error)) from None

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoints
@@ -36,7 +35,12 @@ pytest.importorskip("starlette", reason="the serve extra installs starlette")
 
 from graphattn import export  # noqa: E402
 from graphattn.runtime import Generator, PlainCache  # noqa: E402
-from graphattn.runtime.engine import Engine  # noqa: E402
+from graphattn.runtime.engine import (  # noqa: E402
+    Engine,
+    PromptTooLong,
+    QueueFull,
+    RequestParams,
+)
 from graphattn.runtime.generate import positions  # noqa: E402
 from graphattn.runtime.server import create_app  # noqa: E402
 from graphattn.runtime.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
@@ -46,33 +50,6 @@ SCRIPT = "Once upon a time there was a little graph that wanted to attend. " * 8
 
 
 # ------------------------------------------------------------------ the scripted test double
-class QueueFull(Exception):  # noqa: N818 - the contract name
-    """The scripted engine's queue is full."""
-
-
-class PromptTooLong(ValueError):  # noqa: N818 - the contract name
-    """The prompt does not fit the scripted engine's context."""
-
-
-@dataclass(frozen=True)
-class RequestParams:
-    """The contract's sampling parameters (only max_tokens and stop are used here)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    use_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-
 class ScriptedRequest:
     """Emits the tokens of ``SCRIPT`` in order, one per engine step."""
 
