@@ -82,12 +82,11 @@ class Context:
         return self.float_dtype == ir.DataType.FLOAT
 
 
-class Emitter:
-    """Appends nodes before an anchor node, naming them in the block's scope."""
+class NodeEmitter:
+    """Appends nodes before an ``anchor`` node of ``graph``, naming them in ``scope``."""
 
-    def __init__(self, ctx: Context, block: Block) -> None:
-        self.graph, self.anchor, self.scope = ctx.graph, block.node, block.scope
-        self.ctx = ctx
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, scope: str) -> None:
+        self.graph, self.anchor, self.scope = graph, anchor, scope
 
     def op(self, op_type: str, inputs, attributes=None, *, label: str, outputs: int = 1, domain=""):
         node = ir.node(
@@ -102,6 +101,14 @@ class Emitter:
             value.name = node.name if outputs == 1 else f"{node.name}/{index}"
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+
+class Emitter(NodeEmitter):
+    """A :class:`NodeEmitter` before an attention block's node, in the block's scope."""
+
+    def __init__(self, ctx: Context, block: Block) -> None:
+        super().__init__(ctx.graph, block.node, block.scope)
+        self.ctx = ctx
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
         """A graph initializer shared by every block (made once)."""

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn.compiler.blockquant import pack_matmul_nbits, quantize_columns
+from graphattn.compiler.blocks import NodeEmitter
 from graphattn.compiler.ort_version import parse_version
 from graphattn.compiler.rewrite import MS_DOMAIN, add_initializer, take_over
 from graphattn.ops.moe import SHARED_GATE, MoeAttributes, is_moe_block
@@ -98,23 +99,11 @@ def why_not_kernel(
     return None
 
 
-class _Emit:
-    def __init__(self, graph: ir.Graph, anchor: ir.Node) -> None:
-        self.graph, self.anchor, self.scope = graph, anchor, anchor.name or "mlp"
+class _Emit(NodeEmitter):
+    """Nodes before a MoE block's node, in its scope, plus the kernel's new initializers."""
 
-    def op(self, op_type, inputs, attributes=None, *, label, domain="", outputs=1):
-        node = ir.node(
-            op_type,
-            list(inputs),
-            dict(attributes or {}),
-            domain=domain,
-            num_outputs=outputs,
-            name=f"{self.scope}/{label}",
-        )
-        for index, value in enumerate(node.outputs):
-            value.name = node.name if outputs == 1 else f"{node.name}/{index}"
-        self.graph.insert_before(self.anchor, node)
-        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+    def __init__(self, graph: ir.Graph, anchor: ir.Node) -> None:
+        super().__init__(graph, anchor, anchor.name or "mlp")
 
     def initializer(self, name: str, array: np.ndarray, dtype=None) -> ir.Value:
         """A new initializer (float arrays in ``dtype``, the experts' float type, if given)."""
