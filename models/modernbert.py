@@ -24,6 +24,7 @@ from graphattn.models.common import (
     linear,
     number,
     optional,
+    optional_roles,
     plain,
     refuse,
     sliced_bias,
@@ -119,11 +120,8 @@ def weights(cfg: EncoderConfig) -> dict[str, WeightSource]:
             plan[f"{role}.{part}.weight"] = sliced_linear(
                 f"{qkv}.weight", span, 3 * c, c, take, part
             )
-            source = sliced_bias(f"{qkv}.bias", 3 * c, c, take, part)
-            plan[f"{role}.{part}.bias"] = WeightSource(
-                source.name, source.source, source.shape, source.transform, source.out_shape,
-                optional=True,
-            )  # fmt: skip
+            bias = sliced_bias(f"{qkv}.bias", 3 * c, c, take, part)
+            optional_roles(plan, [(f"{role}.{part}.bias", bias)])
         plan[f"{role}.o.weight"] = linear(f"{layer}.attn.Wo.weight", c, c)
         plan[f"{role}.o.bias"] = plain(f"{layer}.attn.Wo.bias", (c,), optional=True)
         wi = f"{layer}.mlp.Wi"
@@ -133,11 +131,8 @@ def weights(cfg: EncoderConfig) -> dict[str, WeightSource]:
             plan[f"{role}.mlp.{part}_weight"] = sliced_linear(
                 f"{wi}.weight", span, 2 * f, c, take, part
             )
-            source = sliced_bias(f"{wi}.bias", 2 * f, f, take, part)
-            plan[f"{role}.mlp.{part}_bias"] = WeightSource(
-                source.name, source.source, source.shape, source.transform, source.out_shape,
-                optional=True,
-            )  # fmt: skip
+            bias = sliced_bias(f"{wi}.bias", 2 * f, f, take, part)
+            optional_roles(plan, [(f"{role}.mlp.{part}_bias", bias)])
         plan[f"{role}.mlp.down_weight"] = linear(f"{layer}.mlp.Wo.weight", c, f)
         plan[f"{role}.mlp.down_bias"] = plain(f"{layer}.mlp.Wo.bias", (c,), optional=True)
         norms = ("mlp_norm",) if i == 0 else ("attn_norm", "mlp_norm")
