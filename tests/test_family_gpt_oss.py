@@ -9,7 +9,6 @@ token's k-th router logit beats the (k+1)-th by more than 1e-3 in every layer al
 whole run; the test re-asserts that from hooks on HF's router before comparing."""
 
 import json
-from importlib.util import find_spec
 
 import families
 import numpy as np
@@ -70,9 +69,6 @@ CONFIGS = {
 }
 SINK_SCALE = 10.0  # hf_model draws every weight at 0.2 std; sinks of std 2 weigh in
 MARGIN = 1e-3
-NEEDS_MOE = pytest.mark.skipif(
-    find_spec("graphattn.ops.moe") is None, reason="the MoE block (ops/moe.py) is not built yet"
-)
 RANDOM_MODEL = families.hf_model  # check_family's builder, before the test swaps in ours
 
 
@@ -109,7 +105,6 @@ def router_margins(model, steps: int = 4) -> float:
     return float(smallest)
 
 
-@NEEDS_MOE
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_gpt_oss_matches_transformers(name, tmp_path, monkeypatch):
     config, seed = CONFIGS[name]
@@ -134,7 +129,6 @@ def moe_kernels(export_dir) -> list[str]:
     return [d["kernel"] for d in json.loads(metadata[MOE_LOWERING_KEY])]
 
 
-@NEEDS_MOE
 def test_gpt_oss_precisions(tmp_path):
     config, seed = CONFIGS["alternating-yarn-clamped"]
     gpt_oss_model(config, seed).save_pretrained(tmp_path / "hf")
