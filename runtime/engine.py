@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphattn.runtime.engine_slots import InPlaceSlots
 from graphattn.runtime.sampling import Sampler, SamplingOptions
 from graphattn.runtime.session import CONTINUATION_KEY, KV_BUFFER_KEY, ModelSession
 from graphattn.runtime.tokenizer import Tokenizer
@@ -198,6 +199,10 @@ class _Row:
         self.pending = list(request.prompt_ids) + list(request.token_ids)
         self.position = 0  # real tokens cached
         self.chunk = 0  # tokens fed this step
+        self.order = next(_admissions)  # admission order: the largest is the youngest
+
+
+_admissions = itertools.count()
 
 
 class Engine:
@@ -252,6 +257,15 @@ class Engine:
         # slot positions: a new batch's time axis starts this long (masked) so that a prompt
         # of up to this many tokens can join it without waiting
         self.slot_headroom = min(64, self.context_length // 8)
+        # slot positions on a graph that appends in place: one buffer per cache tensor,
+        # rows bound in place (engine_slots); cache="plain" keeps NumPy rows through run()
+        self._slots = (
+            InPlaceSlots(self.model, max_running, self.context_length)
+            if self.slot_positions and cache == "auto" and self.model.shares_kv_buffer
+            else None
+        )
+        # which KV store runs: "in_place_slots" (engine_slots), "slots" (NumPy rows)
+        self.kv_store = "in_place_slots" if self._slots else "slots"
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Request] = deque()
@@ -310,9 +324,10 @@ class Engine:
                 **self._stats,
                 "queue_depth": len(self._queue),
                 "running": len(self._rows),
-                "cache_rows": int(self._mask.shape[0]),
-                "cache_slots": int(self._mask.size),
+                "cache_rows": self._cache_rows(),
+                "cache_slots": self._cache_rows() * self._width(),
                 "kv_budget": self.kv_budget,
+                "kv_store": self.kv_store,
                 "ttft_seconds": list(self._ttft),
             }
 
@@ -367,6 +382,13 @@ class Engine:
                         request._finish("error")
 
     # ---------------------------------------------------------------- rows
+    def _cache_rows(self) -> int:
+        return self._slots.rows if self._slots else int(self._mask.shape[0])
+
+    def _width(self) -> int:
+        """The batch's time axis (cache slots per row)."""
+        return self._slots.width if self._slots else int(self._mask.shape[1])
+
     def _cancel(self, request: Request) -> None:
         with self._lock:
             self._remove(request)
@@ -378,6 +400,11 @@ class Engine:
             self._queue.remove(request)
         for index, row in enumerate(self._rows):
             if row.request is request:
+                if self._slots:  # the last row takes its place (engine_slots)
+                    self._slots.remove_row(index)
+                    self._rows[index] = self._rows[-1]
+                    self._rows.pop()
+                    return
                 del self._rows[index]
                 self._delete_row(index)
                 return
@@ -443,7 +470,7 @@ class Engine:
         """Cache slots the running rows hold (real tokens, plus the whole axis under
         slot positions where holes cannot be reclaimed)."""
         if self.slot_positions:
-            return int(self._mask.size)
+            return self._cache_rows() * self._width()
         return int(self._mask.sum())
 
     # ---------------------------------------------------------------- step
@@ -452,7 +479,7 @@ class Engine:
         positions, the step's token budget (their prefill calls run now) allow."""
         joined = 0  # slot positions: prompt tokens prefilled by this step's joins
         while self._queue and len(self._rows) < self.max_running:
-            width = self._mask.shape[1]
+            width = self._width()
             request = self._queue[0]
             need = len(request.prompt_ids) + len(request.token_ids)
             if self.slot_positions and joined and joined + need > self.token_budget:
@@ -491,6 +518,17 @@ class Engine:
         zero past, so they end in the slot before the batch's next one."""
         tokens = list(request.prompt_ids) + list(request.token_ids)
         head = tokens[:-1]
+        if self._slots:
+            if not self._rows:
+                self._slots.start(self._start_width(request))
+            row = _Row(request)
+            index = self._slots.add_row()
+            self._rows.append(row)
+            row.pending = tokens[-1:]
+            self._slots.prefill(index, head)
+            row.position = len(head)
+            self._stats["prompt_tokens"] += len(head)
+            return
         if not self._rows:
             self._mask = np.zeros((0, self._start_width(request)), dtype=np.int64)
         width = self._mask.shape[1]
@@ -515,10 +553,10 @@ class Engine:
     def _preempt(self, new_tokens: int) -> None:
         """Evict the youngest rows until this step's tokens fit in the KV budget."""
         while len(self._rows) > 1:
-            grow = self._mask.shape[0] if self.slot_positions else new_tokens  # one slot a row
+            grow = len(self._rows) if self.slot_positions else new_tokens  # one slot a row
             if self._held() + grow <= self.kv_budget:
                 return
-            row = self._rows[-1]
+            row = max(self._rows, key=lambda r: r.order)
             self._remove(row.request)
             self._queue.appendleft(row.request)
             self._stats["preemptions"] += 1
@@ -547,6 +585,10 @@ class Engine:
             width = self._plan()
             self._preempt(sum(r.chunk for r in self._rows))
             width = self._plan()
+            if self._slots:  # every row decodes one token, in place
+                logits = self._slots.decode([row.pending[0] for row in self._rows])
+                self._after_call(logits)
+                return
             batch, total = len(self._rows), self._mask.shape[1]
             if not self.slot_positions and total and self._mask.sum() * 2 < self._mask.size:
                 self._compact()
@@ -569,23 +611,27 @@ class Engine:
             mask = np.concatenate([self._mask, new_mask], axis=1)
             logits, presents = self._run(ids, mask, pos, self._pasts)
             self._pasts, self._mask = presents, mask
-            self._stats["steps"] += 1
-            finished = []
-            for r, row in enumerate(self._rows):
-                n = row.chunk
-                if not n:
-                    continue
-                prefill = len(row.pending) > 1 or not row.request.token_ids
-                if prefill:
-                    self._stats["prompt_tokens"] += n
-                del row.pending[:n]
-                row.position += n
-                if row.pending:
-                    continue
-                if self._sample(row, logits[r, -1]):
-                    finished.append(row.request)
-            for request in finished:
-                self._remove(request)
+            self._after_call(logits)
+
+    def _after_call(self, logits: np.ndarray) -> None:
+        """Advance every row by its chunk; sample the rows whose pending tokens are done."""
+        self._stats["steps"] += 1
+        finished = []
+        for r, row in enumerate(self._rows):
+            n = row.chunk
+            if not n:
+                continue
+            prefill = len(row.pending) > 1 or not row.request.token_ids
+            if prefill:
+                self._stats["prompt_tokens"] += n
+            del row.pending[:n]
+            row.position += n
+            if row.pending:
+                continue
+            if self._sample(row, logits[r, -1]):
+                finished.append(row.request)
+        for request in finished:
+            self._remove(request)
 
     def _run(self, ids, mask, pos, pasts):
         feeds = {"input_ids": ids, "attention_mask": mask}

@@ -113,6 +113,8 @@ def test_random_arrivals_equal_each_alone(exports, name, target, kv_budget):
         kv_budget=kv_budget,
         record_logits=True,
     )
+    # GroupQueryAttention graphs run the in-place slot store (engine_slots)
+    assert engine.kv_store == ("in_place_slots" if engine.slot_positions else "slots")
     generator = Generator(engine.model, cache="plain")
     # under the small budget (one context), longer answers: rows get preempted and recomputed
     requests = arrivals(engine, seed=3, count=10, params=long_greedy if kv_budget else greedy)
