@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graphattn import paged
 from graphattn.builder import build_decoder
 from graphattn.compiler import CompileOptions, compile_model
 from graphattn.compiler.ort_version import DEFAULT_ORT_VERSION
@@ -234,6 +235,8 @@ def export(
     progress: Progress | None = None,
     sentence_embedding: bool = False,
     segment_ids: bool = False,
+    kv_layout: str = "contiguous",
+    kv_block_size: int = paged.DEFAULT_KV_BLOCK_SIZE,
 ) -> ExportResult:
     """Export a checkpoint (HF directory, ``.gguf`` file or known model name) to ``out_dir``.
 
@@ -264,6 +267,11 @@ def export(
     ``segment_ids``: a decoder takes packed sequences: input ``segment_ids [batch_size,
     total_sequence_length]`` (document id per slot, 0 = padding) instead of ``position_ids``
     (see :mod:`graphattn.packing`; :func:`graphattn.runtime.packing.pack` feeds it).
+    ``kv_layout``: ``contiguous`` (the default cache) or ``paged`` (decoders, genai layout:
+    a pool of ``kv_block_size``-slot blocks per layer read through ``block_table``, per-row
+    ``past_lengths``/``query_lengths``, presents of the new tokens only; see
+    :mod:`graphattn.paged`). A paged export's ``genai_config.json`` is written for our
+    runtime and says that ONNX Runtime GenAI cannot run it.
     """
     if dtype is not None:
         if dtype not in DTYPES:
@@ -273,6 +281,9 @@ def export(
         precision = dtype
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    paged.check_layout(kv_layout, kv_block_size)
+    if kv_layout == "paged":
+        paged.check_export(encoder=False, layout=layout, segment_ids=segment_ids)
     if layout == "transformers.js" and target == "functions":
         raise ValueError("layout 'transformers.js' needs target portable or ort, not functions")
     options = CompileOptions(
@@ -295,6 +306,8 @@ def export(
     if is_encoder(source.config):
         if segment_ids:
             raise ValueError("segment_ids (packed sequences) is for decoders, not encoders")
+        if kv_layout == "paged":
+            paged.check_export(encoder=True, layout=layout)
         return export_encoder(
             source, out_dir, options, sentence_embedding=sentence_embedding, layout=layout,
             progress=progress,
@@ -308,6 +321,8 @@ def export(
         dtype=DTYPES[float_dtype][0],
         last_logits_only=last_logits_only,
         segment_ids=segment_ids,
+        kv_layout=kv_layout,
+        kv_block_size=kv_block_size,
     )
     prequantized = None
     if options.bits is not None and hasattr(source, "block_quantized") and not requantize:
@@ -333,6 +348,8 @@ def export(
     with staged_directory(out_dir) as staging:
         save_model(model, staging, callback)
         config = describe_graph(genai_config(cfg, architecture.genai_type or cfg.model_type), model)
+        if kv_layout == "paged":
+            paged.mark_genai_config(config, kv_block_size)
         (staging / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied, warnings = write_tokenizer_or_warn(source, staging)
         model_file, data_file, moved = MODEL_FILE, DATA_FILE, []

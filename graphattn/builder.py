@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphattn import __version__, ops, packing
+from graphattn import paged as paged_layout
 from graphattn.layers import LayerInputs, Weights, decoder_layer, final_logits, norm, scaled
 from graphattn.ops import GraphEmitter
 from graphattn.rope import rope_cos_sin
@@ -43,6 +44,8 @@ def build_decoder(
     dtype: ir.DataType = ir.DataType.FLOAT,
     last_logits_only: bool = False,
     segment_ids: bool = False,
+    kv_layout: str = "contiguous",
+    kv_block_size: int = paged_layout.DEFAULT_KV_BLOCK_SIZE,
 ) -> ir.Model:
     """The decoder graph for ``cfg``; ``tensors`` maps builder roles to (lazy) weight tensors.
 
@@ -54,23 +57,39 @@ def build_decoder(
     [batch_size, total_sequence_length]`` int64 (document id per slot, 0 = padding) replaces
     ``position_ids``; the graph computes the positions (restarting at each document) and the
     block-diagonal causal bias from it. Not with sparse attention layers.
+    ``kv_layout``: ``contiguous`` (the cache above) or ``paged`` (:mod:`graphattn.paged`:
+    a pool of ``kv_block_size``-slot blocks per layer read through ``block_table``, per-row
+    ``past_lengths``/``query_lengths`` instead of ``attention_mask``, presents of the new
+    tokens only).
     """
+    paged_layout.check_layout(kv_layout, kv_block_size)
     g = GraphEmitter(f"{cfg.model_type}_decoder")
     w = Weights(g, tensors)
-    input_ids = g.input("input_ids", INT64, [BATCH, SEQUENCE])
-    attention_mask = g.input("attention_mask", INT64, [BATCH, TOTAL])
-    segments = g.input("segment_ids", INT64, [BATCH, TOTAL]) if segment_ids else None
-    if segments is None:
-        position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
+    paged = segments = None
+    if kv_layout == "paged":
+        if segment_ids:
+            paged_layout.check_export(encoder=False, layout="genai", segment_ids=True)
+        paged = paged_layout.PagedInputs.declare(g, cfg, dtype, kv_block_size)
+        input_ids, attention_mask, position_ids = paged.input_ids, None, paged.position_ids
+        pasts = paged.pasts
     else:
-        position_ids = packing.positions(g, cfg, segments, attention_mask, input_ids)
-    pasts = [
-        tuple(
-            g.input(f"past_key_values.{i}.{name}", dtype, list(dims))
-            for name, dims in layer.attention.cache
-        )
-        for i, layer in enumerate(cfg.layers)
-    ]
+        input_ids = g.input("input_ids", INT64, [BATCH, SEQUENCE])
+        attention_mask = g.input("attention_mask", INT64, [BATCH, TOTAL])
+        segments = g.input("segment_ids", INT64, [BATCH, TOTAL]) if segment_ids else None
+        if segments is None:
+            position_ids = g.input("position_ids", INT64, [BATCH, SEQUENCE])
+        else:
+            position_ids = packing.positions(g, cfg, segments, attention_mask, input_ids)
+        pasts = [
+            tuple(
+                g.input(f"past_key_values.{i}.{name}", dtype, list(dims))
+                for name, dims in layer.attention.cache
+            )
+            for i, layer in enumerate(cfg.layers)
+        ]
+    make_bias = ops.attention_bias if segments is None else packing.bias(segments)
+    if paged is not None:
+        make_bias = paged.bias()
 
     hidden = g.op("Gather", [w["embed_tokens"], input_ids], name="embed_tokens")
     hidden = scaled(g, w, hidden, cfg.embedding_scale, "embed_scale")
@@ -92,7 +111,7 @@ def build_decoder(
             mask_key = None
         elif mask_key not in biases:
             suffix = "" if not biases else f"_{len(biases)}"
-            bias = (ops.attention_bias if segments is None else packing.bias(segments))(
+            bias = make_bias(
                 g,
                 attention_mask,
                 input_ids,
@@ -130,6 +149,11 @@ def build_decoder(
         bias = None if mask_key is None else biases[mask_key]
         io = LayerInputs(bias, cos_sin, pasts[i], attention_mask, cos_sin_all)
         hidden, layer_presents = decoder_layer(g, layer, hidden, w, i, io, cfg.hidden_size)
+        if paged is not None:  # the new tokens' K/V only: the runtime writes them to its pool
+            layer_presents = tuple(
+                paged.new_tokens(g, present, f"layers.{i}/new_{name}")
+                for present, (name, _) in zip(layer_presents, layer.attention.cache)
+            )
         presents.append(layer_presents)
 
     if last_logits_only:
@@ -142,10 +166,12 @@ def build_decoder(
     g.output(logits, "logits", dtype, [BATCH, logits_length, cfg.vocab_size])
     for i, (layer, layer_presents) in enumerate(zip(cfg.layers, presents)):
         for (name, dims), present in zip(layer.attention.cache, layer_presents):
-            shape = [TOTAL if d == PAST else d for d in dims]
+            shape = [(SEQUENCE if paged is not None else TOTAL) if d == PAST else d for d in dims]
             g.output(present, f"present.{i}.{name}", dtype, shape)
     model = g.model(producer_version=__version__)
     model.metadata_props[CONTEXT_KEY] = str(supported_context(cfg))
+    if paged is not None:
+        model.metadata_props.update(paged_layout.metadata(kv_block_size))
     return model
 
 

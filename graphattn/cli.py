@@ -180,6 +180,20 @@ def _export_command(subparsers: argparse._SubParsersAction) -> None:
         " (document id per slot, 0 = pad) instead of position_ids (positions restart per"
         " document, attention stays inside it)",
     )
+    parser.add_argument(
+        "--kv-layout",
+        choices=["contiguous", "paged"],
+        default="contiguous",
+        help="decoders: the KV cache layout; paged = a pool of blocks per layer read through"
+        " block_table, per-row past_lengths/query_lengths, presents of the new tokens only"
+        " (for graphattn serve's engine; not ONNX Runtime GenAI)",
+    )
+    parser.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=16,
+        help="with --kv-layout paged: slots per pool block (default 16)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress", action="store_true", help="progress bar even when not a TTY")
     parser.set_defaults(run=_export)
@@ -206,6 +220,8 @@ def _export(args: argparse.Namespace) -> int:
         layout=args.layout,
         sentence_embedding=args.sentence_embedding,
         segment_ids=args.segment_ids,
+        kv_layout=args.kv_layout,
+        kv_block_size=args.kv_block_size,
         progress=stderr_progress
         if (args.progress or sys.stderr.isatty()) and not args.quiet
         else None,

@@ -21,7 +21,8 @@ head in every row's softmax denominator, as the block computes (onnxruntime 1.30
 so every version graphattn lowers for, :data:`~graphattn.compiler.ort_version.HEAD_SINK_SINCE`).
 A block the kernel cannot express (not causal, a mask other than the decoder's causal
 ``AttentionBias``, head_dim not a multiple of 16, RoPE whose frequencies change per call)
-keeps opset-23 Attention, and the rule says why (``inspect --explain``).
+keeps opset-23 Attention, and the rule says why (``inspect --explain``); so does a block
+whose past is a paged pool (:mod:`graphattn.paged`).
 
 Lengths, computed once per graph from the input shapes (left padding: every row's cache has
 the same length): ``seqlens_k[b] = T − 1``, ``total_sequence_length = T``,
@@ -186,8 +187,23 @@ def _document_bias(bias: ir.Value) -> bool:
     return node is not None and node.domain == DOMAIN and node.op_type == "DocumentAttentionBias"
 
 
+def _paged(block: Block) -> bool:
+    """Whether the block's past is a paged pool read through a block table
+    (:mod:`graphattn.paged`)."""
+    past = block.inputs.get("past_key")
+    node = past.producer() if past is not None else None
+    return node is not None and node.domain == DOMAIN and node.op_type == "PagedKV"
+
+
 def _why_not(block: Block, ctx: Context) -> str | None:
     a = block.attrs
+    if _paged(block):
+        return (
+            "paged KV cache (kv_layout paged): the kernel reads a contiguous [B, Hkv, T, D]"
+            " cache with one length per row taken from shapes, not a pool through a block"
+            " table, and on CPU refuses a batch of several rows with several new tokens"
+            " after a past"
+        )
     if not {"attention_mask", "input_ids"} <= {v.name for v in ctx.graph.inputs}:
         return "the graph has no attention_mask/input_ids to derive the kernel's lengths from"
     if not a.causal:
