@@ -449,25 +449,71 @@ def _serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     parser.add_argument("--model-name", default=None, help="name in /v1/models (default: dir)")
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    scale = parser.add_argument_group("scale-out on Ray Serve (the ray extra)")
+    scale.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve N engine replicas as a Ray Serve deployment behind Ray's HTTP proxy",
+    )
+    scale.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas")
+    scale.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --ray: a running cluster to join (auto, HEAD:6379); default: a new local one",
+    )
+    scale.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=1.0,
+        help="with --ray: CPUs Ray reserves per replica, and its engine's threads (default 1)",
+    )
     parser.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    for name in ("port", "max_running", "max_queue", "replicas"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
+    if not args.ray and (args.replicas != 1 or args.ray_address is not None):
+        raise ValueError("--replicas and --ray-address need --ray")
+    if args.ray:
+        return _serve_ray(args)
     try:
         from graphattn.runtime.server import serve
     except ImportError as error:
         raise RuntimeError(
             f"graphattn serve needs the serve extra (pip install 'graphattn[serve]'): {error}"
         ) from None
-    for name in ("port", "max_running", "max_queue"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
     serve(
         args.export_dir,
         host=args.host,
         port=args.port,
+        api_key=args.api_key or os.environ.get("GRAPHATTN_API_KEY") or None,
+        max_running=args.max_running,
+        max_queue=args.max_queue,
+        model_name=args.model_name,
+        provider=args.provider,
+    )
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from graphattn.runtime.ray_serve import serve_ray
+    except ImportError as error:
+        raise RuntimeError(
+            f"graphattn serve --ray needs the ray extra (install graphattn[ray]: pip install"
+            f" 'graphattn[ray]'): {error}"
+        ) from None
+    serve_ray(
+        args.export_dir,
+        replicas=args.replicas,
+        host=args.host,
+        port=args.port,
+        address=args.ray_address,
+        replica_cpus=args.replica_cpus,
         api_key=args.api_key or os.environ.get("GRAPHATTN_API_KEY") or None,
         max_running=args.max_running,
         max_queue=args.max_queue,

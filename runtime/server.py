@@ -676,14 +676,42 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Load ``export_dir`` into an :class:`Engine` and serve it until SIGINT/SIGTERM."""
+    app = load_app(
+        export_dir,
+        api_key=api_key,
+        max_running=max_running,
+        max_queue=max_queue,
+        model_name=model_name,
+        provider=provider,
+    )
+    run(app, host=host, port=port, log_level=log_level)
+
+
+def load_app(
+    export_dir: str,
+    *,
+    api_key: str | None = None,
+    max_running: int = 16,
+    max_queue: int = 64,
+    model_name: str | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> ASGIApp:
+    """A new :class:`Engine` over ``export_dir`` and the app serving it (``graphattn serve`` and
+    each Ray Serve replica build theirs with this); the model is named after the directory."""
     import pathlib
 
     from graphattn.runtime.engine import Engine
 
-    engine = Engine(export_dir, max_running=max_running, max_queue=max_queue, provider=provider)
+    engine = Engine(
+        export_dir,
+        max_running=max_running,
+        max_queue=max_queue,
+        provider=provider,
+        threads=threads,
+    )
     name = model_name or pathlib.Path(export_dir).resolve().name
-    app = create_app(engine, model_name=name, api_key=api_key)
-    run(app, host=host, port=port, log_level=log_level)
+    return create_app(engine, model_name=name, api_key=api_key)
 
 
 def run(
