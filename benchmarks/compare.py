@@ -53,6 +53,42 @@ def graphattn_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "graphattn", *args]
 
 
+def smollm2_sources(work: Path) -> tuple[Path, Path]:
+    """(the SmolLM2 GGUF, its ``graphattn convert`` HF directory ``work/hf``): every builder
+    starts from the same float weights."""
+    from graphattn.exporters.fetch import fetch
+
+    gguf = fetch("smollm2-135m")
+    work.mkdir(parents=True, exist_ok=True)
+    hf = work / "hf"
+    if not hf.exists():
+        subprocess.run(
+            graphattn_cli("convert", str(gguf), "-o", str(hf)),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return gguf, hf
+
+
+def genai_builder(hf: Path, out: Path, precision: str, cache: Path) -> list[str]:
+    """The command line of ONNX Runtime GenAI's builder exporting ``hf`` for CPU."""
+    return [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
+
+
 def time_graph(path: Path, prompt: list[int], new_tokens: int, cache: str) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) with graphattn's decode loop and KV cache ``cache``."""
     from graphattn.runtime import Generator, SamplingOptions, Timings
@@ -138,18 +174,8 @@ def main() -> None:
         help="graphattn loop's KV cache for every graph (auto: what each graph declares)",
     )
     args = parser.parse_args()
-    from graphattn.exporters.fetch import fetch
-
-    gguf = fetch("smollm2-135m")
     work = Path(args.work or tempfile.mkdtemp(prefix="graphattn-compare-"))
-    work.mkdir(parents=True, exist_ok=True)
-    hf = work / "hf"
-    if not hf.exists():
-        subprocess.run(
-            graphattn_cli("convert", str(gguf), "-o", str(hf)),
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    gguf, hf = smollm2_sources(work)
     rows: dict[str, dict] = {}
 
     def export_row(name, precision, command):
@@ -192,21 +218,7 @@ def main() -> None:
             export_row(
                 f"ORT GenAI builder {precision}",
                 precision,
-                lambda out, p=precision: [
-                    sys.executable,
-                    "-m",
-                    "onnxruntime_genai.models.builder",
-                    "-i",
-                    str(hf),
-                    "-o",
-                    str(out),
-                    "-p",
-                    p,
-                    "-e",
-                    "cpu",
-                    "-c",
-                    str(work / "genai-cache"),
-                ],
+                lambda out, p=precision: genai_builder(hf, out, p, work / "genai-cache"),
             )
     except ImportError:
         print(
