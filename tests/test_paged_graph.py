@@ -7,11 +7,13 @@ export run on each row alone; the ort lowering; the refusals."""
 import json
 import math
 import re
+import subprocess
 
 import checkpoints
 import numpy as np
 import onnxruntime as ort
 import pytest
+from old_runtime import OLD_PYTHON, needs_old_venv
 
 from graphattn import export
 from graphattn.builder import build_decoder
@@ -445,3 +447,38 @@ def test_refused_options(exports, tmp_path):
     checkpoints.write_safetensors(bert / "model.safetensors", {"x": np.zeros(1, np.float32)})
     with pytest.raises(ValueError, match="encoder"):
         export(bert, tmp_path / "e", kv_layout="paged")
+
+
+OLD_RUN = """
+import sys, numpy as np, onnxruntime as ort
+feeds = dict(np.load(sys.argv[2]))
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+out = s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+named = {o.name: v for o, v in zip(s.get_outputs(), out)}
+np.savez(sys.argv[3], version=np.array(ort.__version__), **named)
+"""
+
+
+@needs_old_venv
+def test_ort_paged_export_runs_in_onnxruntime_1_30(exports, tmp_path):
+    """The ort paged graph loads in onnxruntime 1.30 (the npm version) and computes there what
+    it computes here."""
+    contiguous = session(exports["llama", "ort", "contiguous"])
+    feeds, expected, names = paged_batch(
+        contiguous, ROWS, np.random.default_rng(9), MODELS["llama"]["vocab_size"]
+    )
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    model = exports["llama", "ort", "paged"] / "model.onnx"
+    done = subprocess.run(
+        [str(OLD_PYTHON), "-c", OLD_RUN, str(model), str(tmp_path / "feeds.npz")]
+        + [str(tmp_path / "out.npz")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    old = dict(np.load(tmp_path / "out.npz"))
+    assert str(old.pop("version")) == "1.30.0"
+    check_rows(old, expected, names, ROWS)
+    here = run(session(exports["llama", "ort", "paged"]), feeds)
+    for name, value in old.items():
+        np.testing.assert_allclose(value, here[name], rtol=0, atol=1e-6, err_msg=name)
