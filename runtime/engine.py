@@ -50,6 +50,7 @@ step prefill at most ``token_budget`` prompt tokens (at least one request).
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -60,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphattn.runtime.engine_paged import PagedStore, PoolExhausted
 from graphattn.runtime.engine_slots import InPlaceSlots
 from graphattn.runtime.sampling import Sampler, SamplingOptions
 from graphattn.runtime.session import CONTINUATION_KEY, KV_BUFFER_KEY, ModelSession
@@ -220,6 +222,7 @@ class Engine:
         kv_budget: int | None = None,
         threads: int | None = None,
         record_logits: bool = False,
+        prefix_sharing: bool = True,
     ) -> None:
         for name, value in (
             ("max_running", max_running),
@@ -264,8 +267,17 @@ class Engine:
             if self.slot_positions and cache == "auto" and self.model.shares_kv_buffer
             else None
         )
-        # which KV store runs: "in_place_slots" (engine_slots), "slots" (NumPy rows)
+        # which KV store runs: "in_place_slots" (engine_slots), "slots" (NumPy rows) or
+        # "paged" (engine_paged: exports with graphattn.kv_layout=paged)
         self.kv_store = "in_place_slots" if self._slots else "slots"
+        self._paged: PagedStore | None = None
+        if self.model.kv_layout == "paged":
+            self.slot_positions, self.kv_store = False, "paged"
+            blocks = max(
+                self.kv_budget // self.model.kv_block_size,
+                math.ceil(self.context_length / self.model.kv_block_size),
+            )
+            self._paged = PagedStore(self.model, blocks, prefix_sharing=prefix_sharing)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Request] = deque()
@@ -283,6 +295,7 @@ class Engine:
             "compactions": 0,
             "steps": 0,
             "requests_finished": 0,
+            "prefix_cached_tokens": 0,  # paged: prompt tokens taken from shared blocks
         }
         self._ttft: deque[float] = deque(maxlen=4096)  # the latest requests' TTFTs
 
@@ -325,7 +338,8 @@ class Engine:
                 "queue_depth": len(self._queue),
                 "running": len(self._rows),
                 "cache_rows": self._cache_rows(),
-                "cache_slots": self._cache_rows() * self._width(),
+                "cache_slots": self._cache_slots(),
+                **(self._paged.pool.stats() if self._paged else {}),
                 "kv_budget": self.kv_budget,
                 "kv_store": self.kv_store,
                 "ttft_seconds": list(self._ttft),
@@ -383,7 +397,15 @@ class Engine:
 
     # ---------------------------------------------------------------- rows
     def _cache_rows(self) -> int:
+        if self._paged:
+            return len(self._rows)
         return self._slots.rows if self._slots else int(self._mask.shape[0])
+
+    def _cache_slots(self) -> int:
+        """Cache slots allocated (paged: in used blocks)."""
+        if self._paged:
+            return self._paged.pool.blocks_used * self._paged.block_size
+        return self._cache_rows() * self._width()
 
     def _width(self) -> int:
         """The batch's time axis (cache slots per row)."""
@@ -400,6 +422,10 @@ class Engine:
             self._queue.remove(request)
         for index, row in enumerate(self._rows):
             if row.request is request:
+                if self._paged:  # its blocks are released at once, nothing else moves
+                    self._paged.leave(row.paged)
+                    del self._rows[index]
+                    return
                 if self._slots:  # the last row takes its place (engine_slots)
                     self._slots.remove_row(index)
                     self._rows[index] = self._rows[-1]
@@ -477,6 +503,9 @@ class Engine:
     def _admit(self) -> None:
         """Move queued requests (FIFO) into the batch while rows, memory and, for slot
         positions, the step's token budget (their prefill calls run now) allow."""
+        if self._paged:
+            self._admit_paged()
+            return
         joined = 0  # slot positions: prompt tokens prefilled by this step's joins
         while self._queue and len(self._rows) < self.max_running:
             width = self._width()
@@ -503,6 +532,58 @@ class Engine:
                 self._join_aligned(request)
             else:
                 self._add_row(request)
+
+    def _admit_paged(self) -> None:
+        """FIFO while rows and free blocks allow: blocks for every token of the head's
+        prompt (and generated tokens, after a preemption) are taken at once, shared prefix
+        blocks first (their tokens are not computed again)."""
+        while self._queue and len(self._rows) < self.max_running:
+            request = self._queue[0]
+            tokens = list(request.prompt_ids) + list(request.token_ids)
+            joined = self._paged.join(tokens)
+            if joined is None:
+                return
+            self._queue.popleft()
+            row = _Row(request)
+            row.paged, cached = joined
+            row.position, row.pending = cached, tokens[cached:]
+            self._stats["prefix_cached_tokens"] += cached
+            self._rows.append(row)
+
+    def _step_paged(self) -> None:
+        """One call over every row with a chunk this step (prefill chunks and decodes
+        mixed); a row crossing a block boundary takes a new block, preempting the youngest
+        rows (recompute, requeued at the front) while none is free."""
+        self._plan()
+        for row in sorted(self._rows, key=lambda r: r.order):
+            while row in self._rows:
+                try:
+                    self._paged.grow(row.paged, row.position + row.chunk)
+                    break
+                except PoolExhausted:
+                    victim = max(self._rows, key=lambda r: r.order)
+                    self._remove(victim.request)
+                    self._queue.appendleft(victim.request)
+                    self._stats["preemptions"] += 1
+        called = [row for row in self._rows if row.chunk]
+        if not called:
+            return
+        work = [(row.paged, row.position, row.pending[: row.chunk]) for row in called]
+        logits = self._paged.run(work, self.model.config.pad_token_id or 0)
+        self._stats["steps"] += 1
+        finished = []
+        for i, row in enumerate(called):
+            n = row.chunk
+            if len(row.pending) > 1 or not row.request.token_ids:
+                self._stats["prompt_tokens"] += n
+            del row.pending[:n]
+            row.position += n
+            tokens = row.request.prompt_ids + row.request.token_ids
+            self._paged.register(row.paged, tokens, row.position)
+            if not row.pending and self._sample(row, logits[i, -1]):
+                finished.append(row.request)
+        for request in finished:
+            self._remove(request)
 
     def _start_width(self, request: Request) -> int:
         """Slot positions: the time axis of a new batch that ``request`` starts (its tokens
@@ -581,6 +662,9 @@ class Engine:
         with self._lock:
             self._admit()
             if not self._rows:
+                return
+            if self._paged:
+                self._step_paged()
                 return
             width = self._plan()
             self._preempt(sum(r.chunk for r in self._rows))

@@ -51,6 +51,8 @@ KV_BUFFER_KEY = "graphattn.kv_buffer"  # model metadata: "shared" when past/pres
 MIN_ORT_KEY = "graphattn.min_onnxruntime"  # model metadata: oldest onnxruntime that runs it
 # model metadata: "one_token" when a batch continuing after a past takes one token per call
 CONTINUATION_KEY = "graphattn.batched_continuation"
+KV_LAYOUT_KEY = "graphattn.kv_layout"  # model metadata: "paged" for a block-table pool cache
+KV_BLOCK_SIZE_KEY = "graphattn.kv_block_size"  # model metadata: slots per pool block
 
 
 def check_onnxruntime(model_path: Path, installed: str = ort.__version__) -> None:
@@ -146,6 +148,10 @@ class ModelSession:
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
+        # "paged": the cache inputs are pools [num_blocks, Hkv, kv_block_size, D] read through
+        # block_table, with past_lengths/query_lengths instead of attention_mask (the engine)
+        self.kv_layout = metadata.get(KV_LAYOUT_KEY, "contiguous")
+        self.kv_block_size = int(metadata.get(KV_BLOCK_SIZE_KEY, 0) or 0)
         self._check_io(inputs, outputs)
         self.kv_dtype = self.cache_layout[0][0].dtype
         self.has_position_ids = "position_ids" in self.input_names
@@ -185,7 +191,10 @@ class ModelSession:
         cfg, where = self.config, self.config.model_path
         by_input = {i.name: i for i in inputs}
         by_output = {o.name: o for o in outputs}
-        for name in ("input_ids", "attention_mask"):
+        needed = ("input_ids", "attention_mask")
+        if self.kv_layout == "paged":
+            needed = ("input_ids", "position_ids", "block_table", "past_lengths", "query_lengths")
+        for name in needed:
             if name not in by_input:
                 raise ModelLoadError(f"{where}: graph has no {name!r} input")
         if "logits" not in by_output:
