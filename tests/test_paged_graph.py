@@ -11,6 +11,7 @@ import subprocess
 
 import checkpoints
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from old_runtime import OLD_PYTHON, needs_old_venv
@@ -207,11 +208,12 @@ def alone(sess, tokens: np.ndarray, past: int):
     return pasts, out["logits"][0], new
 
 
-def paged_batch(sess, rows, rng, vocab, bs=BS):
+def paged_batch(sess, rows, rng, vocab, bs=BS, spare_entries=1):
     """Everything a paged call needs for ``rows`` [(past, new)], each row's past K/V taken
-    from the contiguous session ``sess``, written into a shuffled pool of noise."""
+    from the contiguous session ``sess``, written into a shuffled pool of noise; the block
+    table has ``spare_entries`` more columns than the longest past needs."""
     layers, heads, dim = cache_shape(sess)
-    width = max(math.ceil(p / bs) for p, _ in rows) + 1
+    width = max(math.ceil(p / bs) for p, _ in rows) + spare_entries
     needed = [math.ceil(p / bs) for p, _ in rows]
     blocks = sum(needed) + 3  # spare blocks of noise that no row owns
     order = rng.permutation(blocks)
@@ -270,6 +272,18 @@ def test_paged_batch_equals_each_row_alone(exports, name, target):
     assert np.isfinite(out["logits"]).all()  # pads attend something finite
 
 
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_a_batch_of_prefills_with_an_empty_block_table(exports, target):
+    """max_blocks = 0: every row starts from nothing (the first step of a batch)."""
+    rows = [(0, 4), (0, 2), (0, 5)]
+    contiguous = session(exports["llama", target, "contiguous"])
+    feeds, expected, names = paged_batch(
+        contiguous, rows, np.random.default_rng(4), MODELS["llama"]["vocab_size"], spare_entries=0
+    )
+    assert feeds["block_table"].shape == (3, 0)
+    check_rows(run(session(exports["llama", target, "paged"]), feeds), expected, names, rows)
+
+
 def test_functions_graph_in_the_interpreter_equals_rows_alone(exports):
     contiguous = session(exports["llama", "portable", "contiguous"])
     rows = [(0, 3), (6, 1), (9, 2)]
@@ -281,8 +295,6 @@ def test_functions_graph_in_the_interpreter_equals_rows_alone(exports):
 
 
 def test_io_metadata_and_genai_config(exports):
-    import onnx
-
     model = onnx.load(
         str(exports["llama", "ort", "paged"] / "model.onnx"), load_external_data=False
     )
@@ -313,22 +325,18 @@ def test_io_metadata_and_genai_config(exports):
     assert "graphattn.kv_layout" not in contiguous
 
 
-def test_ort_lowering_declines_grouped_query_and_keeps_fusions(exports, tmp_path):
-    from graphattn.cli import main
+def metadata(directory) -> dict[str, str]:
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
 
+
+def test_ort_lowering_declines_grouped_query_and_keeps_fusions(exports, tmp_path):
     model_dir = exports["llama", "ort", "paged"]
-    lowering = json.loads(
-        {
-            p.key: p.value
-            for p in __import__("onnx")
-            .load(str(model_dir / "model.onnx"), load_external_data=False)
-            .metadata_props
-        }["graphattn.lowering"]
-    )
+    lowering = json.loads(metadata(model_dir)["graphattn.lowering"])
     assert [d["kernel"] for d in lowering] == ["Attention", "Attention"]
     assert all("paged KV cache" in d["reasons"]["GroupQueryAttention"] for d in lowering)
     # the contiguous export of the same model does take GroupQueryAttention
-    contiguous = __import__("onnx").load(
+    contiguous = onnx.load(
         str(exports["llama", "ort", "contiguous"] / "model.onnx"), load_external_data=False
     )
     assert any(n.op_type == "GroupQueryAttention" for n in contiguous.graph.node)
@@ -338,12 +346,9 @@ def test_ort_lowering_declines_grouped_query_and_keeps_fusions(exports, tmp_path
         model_dir.parent / "hf", out, target="ort", precision="int4",
         kv_layout="paged", kv_block_size=BS,
     )  # fmt: skip
-    import onnx
-
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert {"MatMulNBits", "SkipSimplifiedLayerNormalization", "Attention"} <= ops
     assert "GroupQueryAttention" not in ops
-    assert main(["inspect", str(model_dir), "--explain"]) == 0
 
 
 def test_inspect_explain_says_why(exports, capsys):
@@ -361,13 +366,20 @@ def test_cli_export_flags(exports, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["export", str(hf), "-o", str(out), "--target", "portable", "--kv-layout",
                  "paged", "--quiet"]) == 0  # fmt: skip
-    import onnx
-
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["graphattn.kv_block_size"] == "16"  # the default
+    assert metadata(out)["graphattn.kv_block_size"] == "16"  # the default
     dims = model.graph.input[-1].type.tensor_type.shape.dim
     assert dims[2].dim_value == 16
+    # the default logits: the last position of each (left-padded) row, blocks of 16
+    contiguous = session(exports["gpt2", "portable", "contiguous"])
+    rows = [(0, 3), (18, 1), (33, 2)]
+    feeds, expected, _ = paged_batch(
+        contiguous, rows, np.random.default_rng(8), MODELS["gpt2"]["vocab_size"], bs=16
+    )
+    logits = run(session(out), feeds)["logits"]
+    assert logits.shape == (3, 1, MODELS["gpt2"]["vocab_size"])
+    for b, (row_logits, _) in enumerate(expected):
+        np.testing.assert_allclose(logits[b, 0], row_logits[-1], rtol=0, atol=ATOL)
 
 
 # -------------------------------------------------------------------------- refusals
