@@ -17,6 +17,7 @@ from graphattn.ops.heads import lm_head, merge_heads, split_heads
 from graphattn.ops.masks import alibi_bias, attention_bias, position_bias, position_ids_from_mask
 from graphattn.ops.mlp import gelu_mlp, swiglu_mlp
 from graphattn.ops.norms import layer_norm, qk_norm, rms_norm
+from graphattn.ops.paged import paged_attention_bias, paged_kv
 from graphattn.ops.rotary import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "merge_heads",
     "multi_head_attention",
     "multi_query_attention",
+    "paged_attention_bias",
+    "paged_kv",
     "position_bias",
     "position_ids_from_mask",
     "qk_norm",
