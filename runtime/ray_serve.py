@@ -20,6 +20,7 @@ router, decides admission (429 with ``Retry-After`` when full). Needs the ``ray`
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -72,6 +73,11 @@ class GraphattnReplica:
         app = load_app(self.export_dir, **self.app_options)
         replica = serve.get_replica_context().replica_id.unique_id
         return _ReplicaHeader(app, replica)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in reversed(lines) if line), type(error).__name__)
 
 
 def build_application(
@@ -148,26 +154,40 @@ def serve_ray(
         ray.init(address="local", include_dashboard=False)
     else:
         ray.init(address=address)
-    # ray.init installs a SIGTERM handler that exits at once: ours shuts Serve down first
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    # ray.init installs a SIGTERM handler that exits at once: ours shuts Serve down first. A
+    # signal while Serve starts (serve.run waits for replicas, forever if the cluster lacks the
+    # CPUs) interrupts the start; once serving, it ends the wait. A second one during the
+    # shutdown meets the previous handlers (Ray's exit, KeyboardInterrupt) and aborts it.
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt  # a BaseException: Ray's `except Exception` lets it by
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        if not stop.is_set():
-            serve.run(app, name=APP_NAME, route_prefix="/")
-            print(
-                f"graphattn: serving {replicas} replica(s) on http://{host}:{port} (Ray Serve);"
-                " SIGTERM or Ctrl-C stops",
-                file=sys.stderr,
-                flush=True,
-            )
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        serving.set()
+        print(
+            f"graphattn: serving {replicas} replica(s) on http://{host}:{port} (Ray Serve);"
+            " SIGTERM or Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
+    except KeyboardInterrupt:
+        pass  # stopped while starting: shut down what started, return normally
+    except Exception as error:  # Ray's errors carry remote tracebacks: keep their last line
+        raise RuntimeError(f"Ray Serve did not start: {_last_line(error)}") from error
     finally:
+        serving.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             serve.delete(APP_NAME)  # replicas finish their running requests, engines drain
             if address is None or not serve.status().applications:
                 serve.shutdown()
         finally:
             ray.shutdown()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -2,6 +2,7 @@
 
     graphattn serve out/ --port 8000 --api-key secret
     create_app(engine, model_name="tiny")        # the Starlette app, for tests or other ASGI hosts
+    load_app("out/", api_key="secret")           # a new Engine over an export and its app
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the export's chat template),
 streaming as server-sent events ending in ``data: [DONE]``; ``GET /v1/models``, ``GET /health``
