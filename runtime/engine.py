@@ -68,6 +68,9 @@ from graphattn.runtime.session import CONTINUATION_KEY, KV_BUFFER_KEY, ModelSess
 from graphattn.runtime.tokenizer import Tokenizer
 
 _DONE = object()
+# paged steps: what one more graph call costs, in token positions computed (reading every
+# weight once more); a step splits decodes from prefill chunks when padding costs more
+CALL_COST = 16
 
 
 class QueueFull(Exception):  # noqa: N818 (the agreed API name)
@@ -296,6 +299,8 @@ class Engine:
             "steps": 0,
             "requests_finished": 0,
             "prefix_cached_tokens": 0,  # paged: prompt tokens taken from shared blocks
+            "graph_calls": 0,  # paged: a step may split its decodes and prefills
+            "mixed_calls": 0,
         }
         self._ttft: deque[float] = deque(maxlen=4096)  # the latest requests' TTFTs
 
@@ -551,10 +556,20 @@ class Engine:
             self._rows.append(row)
 
     def _step_paged(self) -> None:
-        """One call over every row with a chunk this step (prefill chunks and decodes
-        mixed); a row crossing a block boundary takes a new block, preempting the youngest
-        rows (recompute, requeued at the front) while none is free."""
-        self._plan()
+        """Every row with a chunk this step runs (decodes one token, prefills a chunk of the
+        ``token_budget`` left after the decodes, FIFO); a row crossing a block boundary takes
+        a new block, preempting the youngest rows (recompute, requeued at the front) while none
+        is free. Decodes and prefill chunks share one call unless padding every decode to the
+        widest chunk costs more than a second call (:data:`CALL_COST`)."""
+        decoding = [r for r in self._rows if len(r.pending) == 1]
+        prefilling = [r for r in self._rows if len(r.pending) > 1]
+        budget = self.token_budget - len(decoding)
+        cap = max(1, budget // max(1, len(prefilling)))
+        for row in decoding:
+            row.chunk = 1
+        for row in prefilling:
+            row.chunk = max(0, min(len(row.pending), budget, cap))
+            budget -= row.chunk
         for row in sorted(self._rows, key=lambda r: r.order):
             while row in self._rows:
                 try:
@@ -568,9 +583,27 @@ class Engine:
         called = [row for row in self._rows if row.chunk]
         if not called:
             return
+        decoding = [r for r in called if r.chunk == 1]
+        prefilling = [r for r in called if r.chunk > 1]
+        widest = max(r.chunk for r in called)
+        split = len(decoding) + len(prefilling) * widest + CALL_COST
+        groups = [called]
+        if decoding and prefilling and len(called) * widest > split:
+            groups = [decoding, prefilling]
+        self._stats["steps"] += 1
+        finished = []
+        for group in groups:
+            finished += self._call_paged(group)
+        for request in finished:
+            self._remove(request)
+
+    def _call_paged(self, called: list[_Row]) -> list[Request]:
+        """One paged graph call over ``called``; returns the requests that finished."""
         work = [(row.paged, row.position, row.pending[: row.chunk]) for row in called]
         logits = self._paged.run(work, self.model.config.pad_token_id or 0)
-        self._stats["steps"] += 1
+        self._stats["graph_calls"] += 1
+        if len({row.chunk == 1 for row in called}) == 2:
+            self._stats["mixed_calls"] += 1  # prefill chunks and decodes in one call
         finished = []
         for i, row in enumerate(called):
             n = row.chunk
@@ -582,8 +615,7 @@ class Engine:
             self._paged.register(row.paged, tokens, row.position)
             if not row.pending and self._sample(row, logits[i, -1]):
                 finished.append(row.request)
-        for request in finished:
-            self._remove(request)
+        return finished
 
     def _start_width(self, request: Request) -> int:
         """Slot positions: the time axis of a new batch that ``request`` starts (its tokens

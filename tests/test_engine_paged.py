@@ -109,6 +109,8 @@ def test_random_arrivals_equal_each_alone(exports, engines, name, target, kv_bud
     check_alone(reference, requests)
     stats = engine.stats()
     assert stats["block_allocations"] > len(requests)  # rows crossed block boundaries
+    # calls that mixed prefill chunks with decodes, and steps split into two calls
+    assert stats["mixed_calls"] > 0 and stats["graph_calls"] > stats["steps"]
     if kv_budget:
         assert stats["blocks_total"] == 64 // BS
         assert stats["preemptions"] > 0  # recompute path taken, still exact
