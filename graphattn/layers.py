@@ -323,7 +323,9 @@ def mlp(g: GraphEmitter, spec: MlpSpec, x: ir.Value, w: Weights, prefix: str, sc
             "proj_bias",
         }
     ):
-        picked = {r: w[f"{m}{r}"] for r in roles}
+        # a fixed order (not the set's): initializers are made in it, and exports must not
+        # depend on the hash seed
+        picked = {r: w[f"{m}{r}"] for r in ("fc_weight", "fc_bias", "proj_weight", "proj_bias")}
         return ops.gelu_mlp(g, x, picked, name=scope)
     if spec.kind == "gated":
         gate = _linear(g, x, w, f"{m}gate", f"{scope}/gate")
