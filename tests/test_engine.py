@@ -285,3 +285,70 @@ def test_context_end_finishes_with_length(exports):
     assert request.finish_reason in ("length", "stop")
     assert len(prompt) + request.completion_tokens <= engine.context_length
     freed(engine)
+
+
+def test_grouped_query_lengths_come_from_the_mask_shape(exports):
+    """Why the in-place slot store right-aligns rows on one time axis: the GroupQueryAttention
+    graph's ``seqlens_k`` is the mask's width − 1 for every row (not each row's mask sum), so
+    a shorter row must end where the longer one ends (masked slots before it, one constant
+    slot offset that RoPE does not see); placed at slot 0 with holes after it, its next
+    token would be written and rotated at the wrong slot."""
+    session = ModelSession(exports["llama-gqa", "ort"])
+    assert session.shares_kv_buffer
+    short, longer = [7, 8, 9], [20, 21, 22, 23, 24, 25]
+    run = session.session.run
+    names = session.output_names
+    layout = session.cache_layout
+
+    def prefill(tokens, offset=0):
+        """Run ``tokens`` after ``offset`` masked zero slots; the K/V of the tokens."""
+        ids = np.array([tokens], dtype=np.int64)
+        mask = np.concatenate([np.zeros((1, offset), np.int64), np.ones_like(ids)], axis=1)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        for tensors in layout:
+            for t in tensors:
+                feeds[t.past] = np.zeros(t.shape(1, offset), dtype=t.dtype)
+        out = dict(zip(names, run(None, feeds)))
+        kv = [[out[t.present][:, :, offset:] for t in tensors] for tensors in layout]
+        return kv, out["logits"][0, -1]
+
+    short_kv, short_logits = prefill(short)
+    shifted_kv, shifted_logits = prefill(short, offset=3)  # rotated at slots 3..5
+    np.testing.assert_allclose(shifted_logits, short_logits, atol=1e-4)
+    long_kv, long_logits = prefill(longer)
+    nxt = [int(np.argmax(long_logits)), int(np.argmax(short_logits))]
+    _, alone_short = prefill([*short, nxt[1]])
+
+    def decode(short_at: int, short_kv):
+        mask = np.zeros((2, 7), dtype=np.int64)
+        mask[0] = 1
+        mask[1, short_at : short_at + 3] = 1
+        mask[1, 6] = 1
+        feeds = {"input_ids": np.array([[nxt[0]], [nxt[1]]]), "attention_mask": mask}
+        for tensors, shorts, longs in zip(layout, short_kv, long_kv):
+            for t, s, g in zip(tensors, shorts, longs):
+                past = np.zeros(t.shape(2, 6), dtype=t.dtype)
+                past[0] = g[0]
+                past[1, :, short_at : short_at + 3] = s[0]
+                feeds[t.past] = past
+        return dict(zip(names, run(None, feeds)))["logits"][1, -1]
+
+    # right-aligned (prefilled at its slots): exact; at slot 0 with holes after: shifted
+    np.testing.assert_allclose(decode(3, shifted_kv), alone_short, atol=1e-4)
+    assert np.abs(decode(0, short_kv) - alone_short).max() > 1e-3
+
+
+def test_grouped_query_plain_rows_equal_the_in_place_store(exports):
+    """cache="plain" keeps the NumPy rows through session.run on a GroupQueryAttention graph;
+    both stores give every request the tokens it gets alone."""
+    results = {}
+    for cache in ("plain", "auto"):
+        engine = Engine(exports["llama-gqa", "ort"], max_running=3, token_budget=6, cache=cache)
+        assert engine.kv_store == ("slots" if cache == "plain" else "in_place_slots")
+        requests = arrivals(engine, seed=4, count=6, params=greedy)
+        results[cache] = [r.token_ids for r in requests]
+        for request in requests:
+            tokens, _ = alone(engine.model, request.prompt_ids, request.params.max_tokens)
+            assert request.token_ids == tokens
+        freed(engine)
+    assert results["plain"] == results["auto"]
