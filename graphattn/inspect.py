@@ -46,10 +46,12 @@ def _compact(names: list[str]) -> list[str]:
     return lines
 
 
-def _cache_lines(graph: onnx.GraphProto, where: str) -> list[str]:
+def _cache_lines(graph: onnx.GraphProto, where: str, metadata: dict[str, str]) -> list[str]:
     """``cache: N B/token (L layers)`` and, per run of layers caching the same tensors, their
     names, dims (batch, T for time) and bytes per token per row, read from the graph's
-    ``past_key_values.{i}.<name>`` inputs."""
+    ``past_key_values.{i}.<name>`` inputs; for a paged export, the pool's dims."""
+    if metadata.get("graphattn.kv_layout") == "paged":
+        return _paged_cache_lines(graph, metadata)
     try:
         layout = graph_layout(graph, where=where)
     except CacheLayoutError as error:
@@ -69,6 +71,25 @@ def _cache_lines(graph: onnx.GraphProto, where: str) -> list[str]:
         which = f"layer {first}" if first == last else f"layers {first}-{last}"
         lines.append(f"  {which}: {text}")
     return lines
+
+
+def _paged_cache_lines(graph: onnx.GraphProto, metadata: dict[str, str]) -> list[str]:
+    """A paged export's pool: per layer ``key|value [num_blocks, kv_heads, block_size,
+    head_dim]``, read through ``block_table``; bytes per cached token from those dims."""
+    pools = [v for v in graph.input if v.name.startswith("past_key_values.")]
+    total = 0
+    for value in pools:
+        tensor = value.type.tensor_type
+        per_slot = int(np.prod([d.dim_value for d in tensor.shape.dim[1:]], dtype=np.int64))
+        block = max(1, tensor.shape.dim[2].dim_value)
+        total += per_slot // block * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+    layers = len({v.name.split(".")[1] for v in pools})
+    first = ", ".join(f"{v.name.rsplit('.', 1)[1]} {_dims(v)}" for v in pools if ".0." in v.name)
+    return [
+        f"cache: paged pool, {metadata.get('graphattn.kv_block_size', '?')}-token blocks,"
+        f" {total} B/token ({layers} layers)",
+        f"  per layer: {first} (read through block_table; presents are the new tokens only)",
+    ]
 
 
 def describe(out_dir: str | Path, *, explain: bool = False) -> str:
@@ -104,6 +125,7 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
             ("target", "graphattn.target"),
             ("precision", "graphattn.precision"),
             ("kv_buffer", KV_BUFFER_KEY),
+            ("kv_layout", "graphattn.kv_layout"),
             ("min_onnxruntime", MIN_ORT_KEY),
             ("weights", "graphattn.weights"),
         )
@@ -123,7 +145,7 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
     for key in _compact(list(by_name_out)):
         sample = next(v for n, v in by_name_out.items() if _pattern(n) == key)
         lines.append(f"  {key}: {_dims(sample)}")
-    lines.extend(_cache_lines(model.graph, str(model_path)))
+    lines.extend(_cache_lines(model.graph, str(model_path), metadata))
     counts = Counter(node.domain or "ai.onnx" for node in model.graph.node)
     lines.append(
         f"graph nodes: {sum(counts.values())} ("

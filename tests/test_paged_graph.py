@@ -357,6 +357,13 @@ def test_inspect_explain_says_why(exports, capsys):
     assert main(["inspect", str(exports["llama", "ort", "paged"]), "--explain"]) == 0
     text = capsys.readouterr().out
     assert "not GroupQueryAttention: paged KV cache" in text
+    # the pool is described as a pool, and it costs per token what the contiguous cache does
+    assert "kv_layout=paged" in text
+    assert f"cache: paged pool, {BS}-token blocks" in text
+    assert main(["inspect", str(exports["llama", "ort", "contiguous"])]) == 0
+    contiguous = capsys.readouterr().out
+    per_token = contiguous.split("cache: ")[1].split(" B/token")[0]
+    assert f"{BS}-token blocks, {per_token} B/token" in text
 
 
 def test_cli_export_flags(exports, tmp_path, capsys):
