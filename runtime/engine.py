@@ -345,6 +345,7 @@ class Engine:
                 "cache_rows": self._cache_rows(),
                 "cache_slots": self._cache_slots(),
                 **(self._paged.pool.stats() if self._paged else {}),
+                **({"batched_prefills": self._slots.batched_prefills} if self._slots else {}),
                 "kv_budget": self.kv_budget,
                 "kv_store": self.kv_store,
                 "ttft_seconds": list(self._ttft),
@@ -511,6 +512,12 @@ class Engine:
         if self._paged:
             self._admit_paged()
             return
+        self._joins: list[tuple[int, list[int]]] = []  # in-place slots: (row, head) to prefill
+        self._admit_rows()
+        if self._slots and self._joins:
+            self._slots.prefill_many(self._joins, CALL_COST)
+
+    def _admit_rows(self) -> None:
         joined = 0  # slot positions: prompt tokens prefilled by this step's joins
         while self._queue and len(self._rows) < self.max_running:
             width = self._width()
@@ -638,7 +645,7 @@ class Engine:
             index = self._slots.add_row()
             self._rows.append(row)
             row.pending = tokens[-1:]
-            self._slots.prefill(index, head)
+            self._joins.append((index, head))  # prefilled after the admissions (_admit)
             row.position = len(head)
             self._stats["prompt_tokens"] += len(head)
             return

@@ -40,6 +40,7 @@ class InPlaceSlots:
         self.capacity = 0
         self.buffers: list[list[np.ndarray]] = []
         self.binding = model.session.io_binding()
+        self.batched_prefills = 0  # calls that prefilled several joining rows at once
 
     # ------------------------------------------------------------ memory
     def _ensure(self, slots: int) -> None:
@@ -123,6 +124,34 @@ class InPlaceSlots:
         mask[0, self.width - count :] = 1
         self._call(np.array([tokens], dtype=np.int64), mask, index)
         self.mask[index] = mask[0]
+
+    def prefill_many(self, joins: list[tuple[int, list[int]]], call_cost: int) -> None:
+        """Prefill each (row, tokens) of this step's joins (rows consecutive, in order) so
+        that they end at slot ``width - 1``: one batched call (every row computes all
+        ``width`` positions, left-padded: the kernel's first-prompt case, past ignored) where
+        that costs less than a call per row (``call_cost`` token positions a call), else
+        :meth:`prefill` per row."""
+        rows = [index for index, _ in joins]
+        real = sum(len(tokens) for _, tokens in joins)
+        batched = len(joins) * self.width
+        if (
+            len(joins) == 1
+            or rows != list(range(rows[0], rows[0] + len(rows)))
+            or (batched > real + call_cost * (len(joins) - 1))
+        ):
+            for index, tokens in joins:
+                self.prefill(index, tokens)
+            return
+        pad = self.model.config.pad_token_id or 0
+        ids = np.full((len(joins), self.width), pad, dtype=np.int64)
+        mask = np.zeros((len(joins), self.width), dtype=np.int64)
+        for i, (_, tokens) in enumerate(joins):
+            if tokens:
+                ids[i, self.width - len(tokens) :] = tokens
+                mask[i, self.width - len(tokens) :] = 1
+        self._call(ids, mask, rows[0])
+        self.mask[rows[0] : rows[0] + len(rows)] = mask
+        self.batched_prefills += 1
 
     def decode(self, tokens: list[int]) -> np.ndarray:
         """Every row adds one token (at slot ``width``); returns logits ``[rows, 1, V]``."""

@@ -347,8 +347,16 @@ def test_grouped_query_plain_rows_equal_the_in_place_store(exports):
         assert engine.kv_store == ("slots" if cache == "plain" else "in_place_slots")
         requests = arrivals(engine, seed=4, count=6, params=greedy)
         results[cache] = [r.token_ids for r in requests]
+        # joins of one step: prefilled in one call (the kernel's first-prompt case)
+        params = RequestParams(max_tokens=5, temperature=0.0, use_eos=False)
+        together = [engine.submit(p, params) for p in ([5, 6], [40, 41, 42, 43], [100, 7])]
+        engine.run_until_idle()
+        requests += together
+        if cache == "auto":
+            assert engine.stats()["batched_prefills"] >= 1
         for request in requests:
             tokens, _ = alone(engine.model, request.prompt_ids, request.params.max_tokens)
             assert request.token_ids == tokens
         freed(engine)
     assert results["plain"] == results["auto"]
+    assert all(r.token_ids for r in requests)
