@@ -6,7 +6,21 @@
     for piece in request.deltas(timeout=30): print(piece, end="")
     engine.stop()
 
-KV layout: per-slot buffers with per-row lengths. Every running sequence is one row of a
+KV stores (``Engine.kv_store``, chosen by the export; the API is the same):
+
+- ``"paged"`` (:mod:`graphattn.runtime.engine_paged`), exports with metadata
+  ``graphattn.kv_layout=paged``: a pool of blocks per layer and a block table per sequence;
+  one call mixes prefill chunks and decodes (split in two when padding costs more, see
+  ``CALL_COST``); admission by free blocks, preemption by recompute when a row needs a block
+  and none is free, prefix sharing of full prompt blocks (``prefix_sharing``).
+- ``"in_place_slots"`` (:mod:`graphattn.runtime.engine_slots`), GroupQueryAttention graphs on
+  the CPU: one ``[max_running, Hkv, capacity, D]`` buffer per cache tensor bound in place;
+  the slot-position rules below (rows right-aligned on one axis, joins prefilled to end at
+  its last slot), without copying the cache in any step.
+- ``"slots"``: NumPy rows through ``session.run``, described next (and, with
+  ``cache="plain"``, the slot-position rules for GroupQueryAttention graphs).
+
+Per-slot rows with per-row lengths. Every running sequence is one row of a
 batch whose cache tensors share one time axis of ``T`` slots; ``mask [rows, T]`` says which
 slots of a row hold its tokens (0 = a hole, never attended) and each row keeps its own
 position counter, fed as explicit ``position_ids``. One step is one graph call over every
@@ -45,6 +59,8 @@ failed on the background thread; ``stats()`` also reports ``cache_slots`` (alloc
 ``Engine.run_until_idle()``, ``Engine.has_work()``. Under slot positions the joins of one
 step prefill at most ``token_budget`` prompt tokens (at least one request).
 ``cache`` accepts ``"auto"`` or ``"plain"`` (NumPy arrays through ``session.run``).
+Paged exports: ``stats()`` adds the pool counters (``blocks_used``, ``blocks_free``,
+``block_allocations``, ``block_frees``, ...), ``prefix_cached_tokens``, ``graph_calls``.
 """
 
 from __future__ import annotations
@@ -267,7 +283,10 @@ class Engine:
         # rows bound in place (engine_slots); cache="plain" keeps NumPy rows through run()
         self._slots = (
             InPlaceSlots(self.model, max_running, self.context_length)
-            if self.slot_positions and cache == "auto" and self.model.shares_kv_buffer
+            if self.slot_positions
+            and cache == "auto"
+            and self.model.shares_kv_buffer
+            and self.model.device == "cpu"  # host buffers bound in place
             else None
         )
         # which KV store runs: "in_place_slots" (engine_slots), "slots" (NumPy rows) or
