@@ -230,6 +230,7 @@ def export(
     quantize_embeddings: bool = True,
     ort_version: str = DEFAULT_ORT_VERSION,
     dequantize_at_load: bool = False,
+    moe_kernel: str = "measured",
     last_logits_only: bool = True,
     layout: str = "genai",
     progress: Progress | None = None,
@@ -257,6 +258,9 @@ def export(
     newest on both PyPI and npm, so Node.js, browsers and transformers.js load it too.
     ``dequantize_at_load`` (int4/int8): weights stored as blocks that onnxruntime rebuilds
     into float32 once at load (Cast/Mul/Add on initializers), so compute is fp32.
+    ``moe_kernel``: mixture-of-experts layers on ``ort``: ``measured`` (onnxruntime's MoE/QMoE
+    where it measured faster), ``always`` (wherever it computes the same) or ``never``
+    (see :mod:`graphattn.compiler.moe`).
     ``last_logits_only``: logits for the last position only (cheaper prefill).
     ``layout``: ``genai`` (``model.onnx`` + ``model.onnx.data`` beside ``genai_config.json``)
     or ``transformers.js`` (``onnx/model{suffix}.onnx`` + ``.onnx_data``, ``config.json``,
@@ -297,6 +301,7 @@ def export(
         quantize_embeddings,
         ort_version,
         dequantize_at_load=dequantize_at_load,
+        moe_kernel=moe_kernel,
     )
     float_dtype = "fp16" if precision == "fp16" else "fp32"
     started = time.perf_counter()

@@ -91,6 +91,13 @@ def _compile_options(parser: argparse.ArgumentParser) -> None:
         help="ort target: keep opset-23 Attention instead of GroupQueryAttention",
     )
     parser.add_argument(
+        "--moe-kernel",
+        choices=["measured", "always", "never"],
+        default="measured",
+        help="mixture-of-experts layers on ort: take onnxruntime's MoE/QMoE kernel where it"
+        " measured faster (default), always where it computes the same, or never",
+    )
+    parser.add_argument(
         "--ort-version",
         default=DEFAULT_ORT_VERSION,
         metavar="X.Y",
@@ -128,6 +135,7 @@ def _compile(args: argparse.Namespace) -> int:
         quantize_embeddings=not args.float_embeddings,
         ort_version=args.ort_version,
         dequantize_at_load=args.dequantize_at_load,
+        moe_kernel=args.moe_kernel,
     )
     print(compile_export(args.export_dir, args.output, options))
     return 0
@@ -216,6 +224,7 @@ def _export(args: argparse.Namespace) -> int:
         quantize_embeddings=not args.float_embeddings,
         ort_version=args.ort_version,
         dequantize_at_load=args.dequantize_at_load,
+        moe_kernel=args.moe_kernel,
         last_logits_only=not args.all_logits,
         layout=args.layout,
         sentence_embedding=args.sentence_embedding,

@@ -241,6 +241,17 @@ def test_mixtral_matches_transformers_on_every_target(tmp_path, monkeypatch):
     # int4: portable experts for the default onnxruntime 1.30, QMoE for 1.32
     assert moe_kernels(tmp_path / "ort-int4") == dict.fromkeys(layers, QMOE_130)
     assert qmoe_export(tmp_path, exports) == dict.fromkeys(layers, "QMoE")
+    # the CLI's --moe-kernel overrides the measured choice, on export and on compile
+    from graphattn.cli import main
+
+    hf = str(tmp_path / "hf")
+    assert main(["export", hf, "-o", str(tmp_path / "always"), "--moe-kernel", "always"]) == 0
+    assert moe_kernels(tmp_path / "always") == dict.fromkeys(layers, "MoE")
+    functions = str(tmp_path / "functions")
+    assert main(["export", hf, "-o", functions, "--target", "functions", "--quiet"]) == 0
+    never = tmp_path / "never"
+    assert main(["compile", functions, "-o", str(never), "--moe-kernel", "never"]) == 0
+    assert moe_kernels(never) == dict.fromkeys(layers, STANDARD_OPS)
 
 
 def test_qwen2_moe_dense_first_layer_and_gated_shared_expert(tmp_path, monkeypatch):
