@@ -457,6 +457,17 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def gguf_quant(gguf: Path) -> str:
     """The quantization named in the file name (``...Q4_1.gguf`` → ``Q4_1``)."""
     return gguf.stem.rsplit(".", 1)[-1]
@@ -539,7 +550,9 @@ def main() -> None:
     )
     parser.add_argument("--ort-version", default=None, help="our exports' --ort-version")
     parser.add_argument("--llama-server", default=None, help="llama-server binary")
-    parser.add_argument("--llama-args", default="", help="more llama-server arguments")
+    parser.add_argument(
+        "--llama-args", default="", help="more llama-server arguments (--llama-args='-fa on')"
+    )
     parser.add_argument(
         "--runners",
         nargs="+",
@@ -555,7 +568,7 @@ def main() -> None:
     exports = export_all(args, work, hf)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (
-        f"SmolLM2-135M, {started}, {platform.machine()} {os.cpu_count()} cores; "
+        f"SmolLM2-135M, {started}, {cpu_name()}, {os.cpu_count()} cores; "
         f"{args.new_tokens} new tokens, prompts {args.prompt_lengths[0]}-"
         f"{args.prompt_lengths[1]}, arrivals {args.gap} s apart on average, seed {args.seed}"
     )
