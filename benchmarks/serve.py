@@ -491,7 +491,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         if not r["runner"].startswith("engine"):
             continue
         key = r["precision"], r["streams"]
-        one = by.get((r["precision"], 1, r["runner"]))
+        one = by.get((r["precision"], 1, r["runner"])) if r["streams"] != 1 else None
         others = (by.get((*key, "static batch")), by.get((*key, "GenAI batch")), one)
         pairs = dict(zip(LABELS, others))
         entry = {"precision": r["precision"], "streams": r["streams"], "runner": r["runner"]}
@@ -560,7 +560,8 @@ def main() -> None:
         choices=list(RUNNER_KINDS.values()),
         help="which runners (default all)",
     )
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--json-out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -582,11 +583,16 @@ def main() -> None:
     rows = measure(args, exports, gguf, work)
     table = ratios(rows)
     lines = verdicts(table)
+    result = {"setup": header, "command": sys.argv, "rows": rows, "ratios": table}
+    result["targets"] = lines
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
     if args.json:
-        print(json.dumps({"setup": header, "rows": rows, "ratios": table, "targets": lines}))
+        print(json.dumps(result))
         return
-    print("\n| precision | streams | runner | ratio | aggregate | full |")
-    print("|---|---|---|---|---|---|")
+    if table:
+        print("\n| precision | streams | runner | ratio | aggregate | full |")
+        print("|---|---|---|---|---|---|")
     for entry in table:
         for label in LABELS:
             values = [entry.get(f"{m} {label}") for m in ("aggregate_tok_s", "full_tok_s")]
@@ -596,7 +602,8 @@ def main() -> None:
                     f"| {entry['precision']} | {entry['streams']} | {entry['runner']} | "
                     f"{label} | {shown[0]} | {shown[1]} |"
                 )
-    print()
+    if lines:
+        print(f"\nTargets at {TARGET_STREAMS} streams:")
     for line in lines:
         print(line)
 
