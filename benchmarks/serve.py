@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serve.py --work /tmp/serve-bench [--json]
         [--streams 1 4 16 32] [--new-tokens 64] [--precisions int4 fp32]
         [--kv-layout contiguous|paged|both] [--gap 0.1] [--prompt-lengths 8 64]
+        [--shared-prefix 0] [--rounds 1] [--runners engine static genai llama] [--json-out F]
 
 SmolLM2-135M (the GGUF ``graphattn fetch smollm2-135m`` gives, converted once to an HF
 directory so every builder starts from the same float weights: ``compare.py``'s
@@ -13,7 +14,9 @@ with ``--kv-layout paged`` also paged ones), ONNX Runtime GenAI's builder (int4,
 
 For each precision and stream count N: N requests with mixed prompt lengths (seeded, in
 ``--prompt-lengths``) arrive over time (exponential gaps of mean ``--gap`` seconds, seeded),
-each asking for exactly ``--new-tokens`` greedy tokens (EOS ignored). Runners:
+each asking for exactly ``--new-tokens`` greedy tokens (EOS ignored); with
+``--shared-prefix K`` every prompt starts with the same K tokens (a system prompt, which the
+paged engine's prefix sharing can reuse). Runners:
 
 - ``engine``: ``graphattn.runtime.engine.Engine(max_running=N)``, stepped in this process;
   each request is submitted at its arrival time.
@@ -377,7 +380,7 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
             flush=True,
         )
     rows = []
-    context = args.prompt_lengths[1] + args.new_tokens + 16
+    context = args.shared_prefix + args.prompt_lengths[1] + args.new_tokens + 16
     for precision in args.precisions:
         runners = {}  # name -> runner(batch, arrivals, streams) -> traces
         for layout in engine_layouts(args.kv_layout):
@@ -434,9 +437,12 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
                     return run_llama_server(server, batch, arrivals, args.new_tokens)
 
             runners[f"llama.cpp server ({gguf_quant(gguf)} GGUF)"] = llama_runner
+        size = args.shared_prefix
+        prefix = prompts(1, 49152, args.seed + 9999, size, size, pads)[0]
         chosen = {k: r for k, r in runners.items() if RUNNER_KINDS[k.split()[0]] in args.runners}
         for n in args.streams:
             batch = prompts(n, 49152, args.seed + n, *args.prompt_lengths, avoid=pads)
+            batch = [prefix + p for p in batch]
             arrivals = arrival_times(n, args.gap, args.seed)
             tries: dict[str, list[dict]] = {name: [] for name in chosen}
             for _ in range(args.rounds):  # interleaved: noise hits every runner alike
@@ -534,6 +540,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precisions", nargs="+", default=["int4", "fp32"], choices=TARGETS)
     parser.add_argument("--prompt-lengths", type=int, nargs=2, default=[8, 64])
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="every prompt starts with the same this many tokens (a system prompt)",
+    )
     parser.add_argument("--gap", type=float, default=0.1, help="mean seconds between arrivals")
     parser.add_argument("--token-budget", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
@@ -567,11 +579,13 @@ def main() -> None:
     work = Path(args.work)
     gguf, hf = smollm2_sources(work)
     exports = export_all(args, work, hf)
+    shared = f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else ""
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (
         f"SmolLM2-135M, {started}, {cpu_name()}, {os.cpu_count()} cores; "
         f"{args.new_tokens} new tokens, prompts {args.prompt_lengths[0]}-"
-        f"{args.prompt_lengths[1]}, arrivals {args.gap} s apart on average, seed {args.seed}"
+        f"{args.prompt_lengths[1]}{shared}, arrivals {args.gap} s apart on average, "
+        f"seed {args.seed}"
     )
     if not args.json:
         print(header)
