@@ -40,6 +40,7 @@ class InPlaceSlots:
         self.capacity = 0
         self.buffers: list[list[np.ndarray]] = []
         self.binding = model.session.io_binding()
+        self._bound: tuple | None = None  # (first row, rows, capacity, buffers) bound now
         self.batched_prefills = 0  # calls that prefilled several joining rows at once
 
     # ------------------------------------------------------------ memory
@@ -94,23 +95,28 @@ class InPlaceSlots:
 
     # ------------------------------------------------------------ calls
     def _call(self, ids: np.ndarray, mask: np.ndarray, first: int) -> np.ndarray:
-        """One graph call over rows ``first .. first+len(ids)-1`` bound in place."""
+        """One graph call over rows ``first .. first+len(ids)-1`` bound in place. The cache
+        bindings are redone only when the rows or the capacity change (a name bound again
+        replaces its binding; logits, bound first, stays output 0)."""
         batch = ids.shape[0]
         io = self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        key = (first, batch, self.capacity, id(self.buffers))
+        if key != self._bound:
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            io.bind_output("logits", "cpu")
+            for tensors, arrays in zip(self.model.cache_layout, self.buffers):
+                for t, a in zip(tensors, arrays):
+                    view = a[first : first + batch]
+                    shape, pointer = list(view.shape), view.ctypes.data
+                    io.bind_input(t.past, "cpu", 0, t.dtype, shape, pointer)
+                    io.bind_output(t.present, "cpu", 0, t.dtype, shape, pointer)
+            self._bound = key
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.model.has_position_ids:  # not read by GroupQueryAttention graphs
             io.bind_cpu_input("position_ids", np.zeros(ids.shape, dtype=np.int64))
         io.bind_output("logits", "cpu")
-        for tensors, arrays in zip(self.model.cache_layout, self.buffers):
-            for t, a in zip(tensors, arrays):
-                view = a[first : first + batch]
-                shape = list(view.shape)
-                pointer = view.ctypes.data
-                io.bind_input(t.past, "cpu", 0, t.dtype, shape, pointer)
-                io.bind_output(t.present, "cpu", 0, t.dtype, shape, pointer)
         self.model.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
