@@ -189,16 +189,16 @@ def test_block_pool_counts_references_and_keys():
     assert (pool.blocks_used, pool.frees, pool.stats()["cached_blocks"]) == (0, 2, 1)
     assert pool.lookup((None, (1, 2))) == a  # a freed keyed block is still found
     assert pool.blocks_used == 1 and pool.allocations == 3
-    c, d = pool.allocate(), pool.allocate()  # never-keyed blocks first
-    assert a not in (c, d)
+    c, d = pool.allocate(), pool.allocate()  # the freed unkeyed block, then a fresh one
+    assert (c, d) == (b, 2)
     with pytest.raises(PoolExhausted):
         pool.allocate()
     for block in (a, c, d):
         pool.release(block)
     with pytest.raises(ValueError, match="not in use"):
         pool.release(a)
-    x, y, z = (pool.allocate() for _ in range(3))  # the keyed block is reused last
-    assert z == a and pool.lookup((None, (1, 2))) is None
+    x, y, z = (pool.allocate() for _ in range(3))  # unkeyed (warmest first), then keyed
+    assert (x, y, z) == (d, c, a) and pool.lookup((None, (1, 2))) is None
     for block in (x, y, z):
         pool.release(block)
     assert pool.blocks_used == 0 and pool.allocations == pool.frees == 8
