@@ -77,16 +77,13 @@ from pathlib import Path
 
 import numpy as np
 
-from graphattn.runtime.engine_paged import PagedStore, PoolExhausted
+from graphattn.runtime.engine_paged import CALL_COST, PagedSteps, PagedStore
 from graphattn.runtime.engine_slots import InPlaceSlots
 from graphattn.runtime.sampling import Sampler, SamplingOptions
 from graphattn.runtime.session import CONTINUATION_KEY, KV_BUFFER_KEY, ModelSession
 from graphattn.runtime.tokenizer import Tokenizer
 
 _DONE = object()
-# paged steps: what one more graph call costs, in token positions computed (reading every
-# weight once more); a step splits decodes from prefill chunks when padding costs more
-CALL_COST = 16
 
 
 class QueueFull(Exception):  # noqa: N818 (the agreed API name)
@@ -226,8 +223,10 @@ class _Row:
 _admissions = itertools.count()
 
 
-class Engine:
+class Engine(PagedSteps):
     """Continuous batching over one export (see the module docstring)."""
+
+    _new_row = _Row  # how PagedSteps makes a row
 
     def __init__(
         self,
@@ -563,85 +562,6 @@ class Engine:
                 self._join_aligned(request)
             else:
                 self._add_row(request)
-
-    def _admit_paged(self) -> None:
-        """FIFO while rows and free blocks allow: blocks for every token of the head's
-        prompt (and generated tokens, after a preemption) are taken at once, shared prefix
-        blocks first (their tokens are not computed again)."""
-        while self._queue and len(self._rows) < self.max_running:
-            request = self._queue[0]
-            tokens = list(request.prompt_ids) + list(request.token_ids)
-            joined = self._paged.join(tokens)
-            if joined is None:
-                return
-            self._queue.popleft()
-            row = _Row(request)
-            row.paged, cached = joined
-            row.position, row.pending = cached, tokens[cached:]
-            self._stats["prefix_cached_tokens"] += cached
-            self._rows.append(row)
-
-    def _step_paged(self) -> None:
-        """Every row with a chunk this step runs (decodes one token, prefills a chunk of the
-        ``token_budget`` left after the decodes, FIFO); a row crossing a block boundary takes
-        a new block, preempting the youngest rows (recompute, requeued at the front) while none
-        is free. Decodes and prefill chunks share one call unless padding every decode to the
-        widest chunk costs more than a second call (:data:`CALL_COST`)."""
-        decoding = [r for r in self._rows if len(r.pending) == 1]
-        prefilling = [r for r in self._rows if len(r.pending) > 1]
-        budget = self.token_budget - len(decoding)
-        cap = max(1, budget // max(1, len(prefilling)))
-        for row in decoding:
-            row.chunk = 1
-        for row in prefilling:
-            row.chunk = max(0, min(len(row.pending), budget, cap))
-            budget -= row.chunk
-        for row in sorted(self._rows, key=lambda r: r.order):
-            while row in self._rows:
-                try:
-                    self._paged.grow(row.paged, row.position + row.chunk)
-                    break
-                except PoolExhausted:
-                    victim = max(self._rows, key=lambda r: r.order)
-                    self._remove(victim.request)
-                    self._queue.appendleft(victim.request)
-                    self._stats["preemptions"] += 1
-        called = [row for row in self._rows if row.chunk]
-        if not called:
-            return
-        decoding = [r for r in called if r.chunk == 1]
-        prefilling = [r for r in called if r.chunk > 1]
-        widest = max(r.chunk for r in called)
-        split = len(decoding) + len(prefilling) * widest + CALL_COST
-        groups = [called]
-        if decoding and prefilling and len(called) * widest > split:
-            groups = [decoding, prefilling]
-        self._stats["steps"] += 1
-        finished = []
-        for group in groups:
-            finished += self._call_paged(group)
-        for request in finished:
-            self._remove(request)
-
-    def _call_paged(self, called: list[_Row]) -> list[Request]:
-        """One paged graph call over ``called``; returns the requests that finished."""
-        work = [(row.paged, row.position, row.pending[: row.chunk]) for row in called]
-        logits = self._paged.run(work, self.model.config.pad_token_id or 0)
-        self._stats["graph_calls"] += 1
-        if len({row.chunk == 1 for row in called}) == 2:
-            self._stats["mixed_calls"] += 1  # prefill chunks and decodes in one call
-        finished = []
-        for i, row in enumerate(called):
-            n = row.chunk
-            if len(row.pending) > 1 or not row.request.token_ids:
-                self._stats["prompt_tokens"] += n
-            del row.pending[:n]
-            row.position += n
-            tokens = row.request.prompt_ids + row.request.token_ids
-            self._paged.register(row.paged, tokens, row.position)
-            if not row.pending and self._sample(row, logits[i, -1]):
-                finished.append(row.request)
-        return finished
 
     def _start_width(self, request: Request) -> int:
         """Slot positions: the time axis of a new batch that ``request`` starts (its tokens

@@ -25,6 +25,11 @@ import numpy as np
 from graphattn.runtime.block_pool import BlockPool, PoolExhausted
 from graphattn.runtime.session import ModelSession
 
+# what one more graph call costs, in token positions computed (every weight read once more):
+# a paged step splits its decodes from its prefill chunks when padding costs more; the
+# in-place slot store batches a step's joins when that costs less
+CALL_COST = 16
+
 
 class PagedRow:
     """A sequence's place in the pool: its blocks and their prefix keys so far."""
@@ -136,4 +141,88 @@ class PagedStore:
             row.keys.append(key)
 
 
-__all__ = ["PagedRow", "PagedStore", "PoolExhausted"]
+class PagedSteps:
+    """The engine's admission and steps over a :class:`PagedStore` (mixed into
+    :class:`graphattn.runtime.engine.Engine`, whose rows, queue, stats and sampling they use)."""
+
+    def _admit_paged(self) -> None:
+        """FIFO while rows and free blocks allow: blocks for every token of the head's
+        prompt (and generated tokens, after a preemption) are taken at once, shared prefix
+        blocks first (their tokens are not computed again)."""
+        while self._queue and len(self._rows) < self.max_running:
+            request = self._queue[0]
+            tokens = list(request.prompt_ids) + list(request.token_ids)
+            joined = self._paged.join(tokens)
+            if joined is None:
+                return
+            self._queue.popleft()
+            row = self._new_row(request)
+            row.paged, cached = joined
+            row.position, row.pending = cached, tokens[cached:]
+            self._stats["prefix_cached_tokens"] += cached
+            self._rows.append(row)
+
+    def _step_paged(self) -> None:
+        """Every row with a chunk this step runs (decodes one token, prefills a chunk of the
+        ``token_budget`` left after the decodes, FIFO); a row crossing a block boundary takes
+        a new block, preempting the youngest rows (recompute, requeued at the front) while none
+        is free. Decodes and prefill chunks share one call unless padding every decode to the
+        widest chunk costs more than a second call (:data:`CALL_COST`)."""
+        decoding = [r for r in self._rows if len(r.pending) == 1]
+        prefilling = [r for r in self._rows if len(r.pending) > 1]
+        budget = self.token_budget - len(decoding)
+        cap = max(1, budget // max(1, len(prefilling)))
+        for row in decoding:
+            row.chunk = 1
+        for row in prefilling:
+            row.chunk = max(0, min(len(row.pending), budget, cap))
+            budget -= row.chunk
+        for row in sorted(self._rows, key=lambda r: r.order):
+            while row in self._rows:
+                try:
+                    self._paged.grow(row.paged, row.position + row.chunk)
+                    break
+                except PoolExhausted:
+                    victim = max(self._rows, key=lambda r: r.order)
+                    self._remove(victim.request)
+                    self._queue.appendleft(victim.request)
+                    self._stats["preemptions"] += 1
+        called = [row for row in self._rows if row.chunk]
+        if not called:
+            return
+        decoding = [r for r in called if r.chunk == 1]
+        prefilling = [r for r in called if r.chunk > 1]
+        widest = max(r.chunk for r in called)
+        split = len(decoding) + len(prefilling) * widest + CALL_COST
+        groups = [called]
+        if decoding and prefilling and len(called) * widest > split:
+            groups = [decoding, prefilling]
+        self._stats["steps"] += 1
+        finished = []
+        for group in groups:
+            finished += self._call_paged(group)
+        for request in finished:
+            self._remove(request)
+
+    def _call_paged(self, called: list) -> list:
+        """One paged graph call over ``called``; returns the requests that finished."""
+        work = [(row.paged, row.position, row.pending[: row.chunk]) for row in called]
+        logits = self._paged.run(work, self.model.config.pad_token_id or 0)
+        self._stats["graph_calls"] += 1
+        if len({row.chunk == 1 for row in called}) == 2:
+            self._stats["mixed_calls"] += 1  # prefill chunks and decodes in one call
+        finished = []
+        for i, row in enumerate(called):
+            n = row.chunk
+            if len(row.pending) > 1 or not row.request.token_ids:
+                self._stats["prompt_tokens"] += n
+            del row.pending[:n]
+            row.position += n
+            tokens = row.request.prompt_ids + row.request.token_ids
+            self._paged.register(row.paged, tokens, row.position)
+            if not row.pending and self._sample(row, logits[i, -1]):
+                finished.append(row.request)
+        return finished
+
+
+__all__ = ["CALL_COST", "PagedRow", "PagedSteps", "PagedStore", "PoolExhausted"]
