@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import checkpoints
 import pytest
 import tiny_tokenizer
 
@@ -33,10 +32,11 @@ openai = pytest.importorskip("openai", reason="the test extra installs the opena
 httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
 pytest.importorskip("starlette", reason="the serve extra installs starlette")
 
-from test_server import LLAMA, decided, free_port, greedy_text  # noqa: E402
+import test_server  # noqa: E402
+from test_server import decided, free_port, greedy_text  # noqa: E402
 
-from graphattn import export  # noqa: E402
-from graphattn.runtime import Generator  # noqa: E402
+# the live server tests' module-scoped fixtures: their tiny Llama export and its Generator
+llama_export, generator = test_server.llama_export, test_server.generator
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
@@ -72,20 +72,6 @@ def eventually(condition, what: str, bound: float = WAIT) -> None:
             return
         time.sleep(0.2)  # polling interval, not synchronisation
     raise AssertionError(f"not within {bound} s: {what}")
-
-
-@pytest.fixture(scope="module")
-def llama_export(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ray-llama")
-    checkpoints.write_checkpoint(root / "hf", LLAMA, seed=11)
-    tiny_tokenizer.write_tokenizer(root / "hf")
-    export(root / "hf", root / "onnx")
-    return root / "onnx"
-
-
-@pytest.fixture(scope="module")
-def generator(llama_export) -> Generator:
-    return Generator(llama_export, provider="cpu", cache="plain")
 
 
 @pytest.fixture(scope="module")
