@@ -43,7 +43,8 @@ function turns those into the row:
 Then the ratios: engine / static batch, engine / GenAI batch, engine at N / engine at 1, and
 the issue's targets (at 16 streams: ≥ 0.9× our static batch, ≥ 1.4× GenAI's batch; int4 ≥ 3×,
 fp32 ≥ 7× one stream). Each run follows a warm-up of its runner on the same N prompts at
-once (2 tokens each: the first calls at those shapes are not timed). ``--rounds R`` runs each
+once, reversed (2 tokens each: the first calls at those shapes are not timed; reversed so
+that no prefix cache holds the timed prompts). ``--rounds R`` runs each
 row R times, the runners interleaved, and keeps the round with the best aggregate tok/s
 (on a shared machine noise only slows a run down); the JSON lists every round's aggregate.
 """
@@ -99,6 +100,12 @@ def prompts(
         ids = rng.integers(10, vocab, int(rng.integers(shortest, longest + 1)))
         out.append([int(t) if int(t) not in avoid else 11 for t in ids])
     return out
+
+
+def warm_up(batch: list[list[int]]) -> list[list[int]]:
+    """Prompts of the same lengths as ``batch`` that share no prefix with it (reversed): a
+    warm-up with the timed prompts would leave them in a prefix cache."""
+    return [p[::-1] for p in batch]
 
 
 def arrival_times(count: int, gap: float, seed: int) -> list[float]:
@@ -398,7 +405,7 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
                         token_budget=max(args.token_budget, n),
                         threads=args.threads,
                     )
-                run_engine(engines[n], batch, [0.0] * n, 2)  # warm-up
+                run_engine(engines[n], warm_up(batch), [0.0] * n, 2)  # warm-up
                 return run_engine(engines[n], batch, arrivals, args.new_tokens)
 
             runners["engine" if layout == "contiguous" else "engine (paged)"] = engine_runner
@@ -409,7 +416,7 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
             )
 
             def static_runner(batch, arrivals, n, generator=generator):
-                run_static(generator, batch, [0.0] * n, 2)  # warm-up
+                run_static(generator, warm_up(batch), [0.0] * n, 2)  # warm-up
                 return run_static(generator, batch, arrivals, args.new_tokens)
 
             runners["static batch"] = static_runner
@@ -423,7 +430,7 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
             pads.add(pad_id)
 
             def genai_runner(batch, arrivals, n, model=genai_model, pad=pad_id):
-                run_genai(model, batch, [0.0] * n, 2, pad)  # warm-up
+                run_genai(model, warm_up(batch), [0.0] * n, 2, pad)  # warm-up
                 return run_genai(model, batch, arrivals, args.new_tokens, pad)
 
             runners["GenAI batch"] = genai_runner
@@ -433,7 +440,7 @@ def measure(args, exports, gguf: Path, work: Path) -> list[dict]:
                 log = work / "llama-server.log"
                 extra = args.llama_args.split()
                 with LlamaServer(llama, gguf, n, context, log, extra) as server:
-                    run_llama_server(server, batch, [0.0] * n, 2)  # warm-up
+                    run_llama_server(server, warm_up(batch), [0.0] * n, 2)  # warm-up
                     return run_llama_server(server, batch, arrivals, args.new_tokens)
 
             runners[f"llama.cpp server ({gguf_quant(gguf)} GGUF)"] = llama_runner
