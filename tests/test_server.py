@@ -677,12 +677,52 @@ def test_32_concurrent_streams_each_get_their_own_greedy_text(live_llama, genera
 
 
 def test_a_disconnect_frees_the_engine_row(live_llama, generator):
+    check_disconnect_frees(live_llama, generator, "cache_rows")
+
+
+@pytest.fixture(scope="module")
+def live_paged(llama_export):
+    """The same checkpoint exported with ``--kv-layout paged`` (4-slot blocks), served."""
+    out = llama_export.parent / "onnx-paged"
+    export(llama_export.parent / "hf", out, kv_layout="paged", kv_block_size=4)
+    engine = Engine(out, max_running=8, max_queue=64, provider="cpu")
+    assert engine.stats()["kv_store"] == "paged"
+    with LiveServer(engine, model_name="llama") as live:
+        yield live
+
+
+def test_paged_export_serves_each_stream_its_own_greedy_text(live_paged, generator, cases):
+    expected = [greedy_text(generator, prompt, steps) for prompt, steps in cases[:12]]
+    client = live_paged.client()
+
+    def one(case: tuple[str, int]) -> str:
+        prompt, steps = case
+        stream = client.completions.create(
+            model="llama", prompt=prompt, max_tokens=steps, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        texts = list(pool.map(one, cases[:12], timeout=WAIT * 2))
+    assert texts == expected
+    stats = live_paged.engine.stats()
+    assert (stats["running"], stats["blocks_used"]) == (0, 0)
+    assert stats["block_allocations"] == stats["block_frees"] > 0
+
+
+def test_a_disconnect_frees_the_paged_blocks(live_paged, generator):
+    check_disconnect_frees(live_paged, generator, "blocks_used")
+
+
+def check_disconnect_frees(live: LiveServer, generator: Generator, held: str) -> None:
+    """A client that drops a stream mid-generation has its request cancelled: the engine's
+    ``held`` counter (cache rows, or pool blocks in use) returns to 0."""
     prompt = next(
         [5, first, 7]
         for first in range(3, 300)
         if generator.generate([5, first, 7], max_new_tokens=8).stopped_by == "length"
     )  # no end-of-sequence within the tokens the engine is let to make
-    engine, release = live_llama.engine, threading.Event()
+    engine, release = live.engine, threading.Event()
     original, held_after = engine.step, engine.stats()["tokens_generated"] + 2
 
     def held_step() -> None:  # two tokens, then the engine holds until released
@@ -699,13 +739,12 @@ def test_a_disconnect_frees_the_engine_row(live_llama, generator):
             "temperature": 0,
             "stream": True,
         }
-        with httpx.stream(
-            "POST", f"{live_llama.base}/v1/completions", json=body, timeout=WAIT
-        ) as r:
+        with httpx.stream("POST", f"{live.base}/v1/completions", json=body, timeout=WAIT) as r:
             lines = r.iter_lines()  # kept: a dropped line iterator closes the connection
             assert next(line for line in lines if line).startswith("data: ")
             assert engine.stats()["running"] == 1
-        eventually(lambda: engine.stats()["cache_rows"] == 0, "the row is freed")
+            assert engine.stats()[held] > 0
+        eventually(lambda: engine.stats()[held] == 0, f"{held} returns to 0")
         assert engine.stats()["running"] == 0
     finally:
         release.set()
