@@ -658,9 +658,9 @@ def test_prompt_past_the_context_is_400(live_llama):
     assert raised.value.param == "prompt"
 
 
-def test_32_concurrent_streams_each_get_their_own_greedy_text(live_llama, generator, cases):
-    expected = [greedy_text(generator, prompt, steps) for prompt, steps in cases]
-    client = live_llama.client()
+def streamed_texts(live: LiveServer, cases: list[tuple[str, int]]) -> list[str]:
+    """Every (prompt, max_tokens) of ``cases`` as one concurrent greedy stream; their texts."""
+    client = live.client()
 
     def one(case: tuple[str, int]) -> str:
         prompt, steps = case
@@ -669,9 +669,13 @@ def test_32_concurrent_streams_each_get_their_own_greedy_text(live_llama, genera
         )
         return "".join(c.choices[0].text for c in stream)
 
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        texts = list(pool.map(one, cases, timeout=WAIT * 2))
-    assert texts == expected
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        return list(pool.map(one, cases, timeout=WAIT * 2))
+
+
+def test_32_concurrent_streams_each_get_their_own_greedy_text(live_llama, generator, cases):
+    expected = [greedy_text(generator, prompt, steps) for prompt, steps in cases]
+    assert streamed_texts(live_llama, cases) == expected
     stats = live_llama.engine.stats()
     assert (stats["running"], stats["queue_depth"], stats["cache_rows"]) == (0, 0, 0)
 
@@ -693,18 +697,7 @@ def live_paged(llama_export):
 
 def test_paged_export_serves_each_stream_its_own_greedy_text(live_paged, generator, cases):
     expected = [greedy_text(generator, prompt, steps) for prompt, steps in cases[:12]]
-    client = live_paged.client()
-
-    def one(case: tuple[str, int]) -> str:
-        prompt, steps = case
-        stream = client.completions.create(
-            model="llama", prompt=prompt, max_tokens=steps, temperature=0, stream=True
-        )
-        return "".join(c.choices[0].text for c in stream)
-
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        texts = list(pool.map(one, cases[:12], timeout=WAIT * 2))
-    assert texts == expected
+    assert streamed_texts(live_paged, cases[:12]) == expected
     stats = live_paged.engine.stats()
     assert (stats["running"], stats["blocks_used"]) == (0, 0)
     assert stats["block_allocations"] == stats["block_frees"] > 0
