@@ -678,22 +678,23 @@ class Engine(PagedSteps):
     def _after_call(self, logits: np.ndarray) -> None:
         """Advance every row by its chunk; sample the rows whose pending tokens are done."""
         self._stats["steps"] += 1
-        finished = []
-        for r, row in enumerate(self._rows):
-            n = row.chunk
-            if not n:
-                continue
-            prefill = len(row.pending) > 1 or not row.request.token_ids
-            if prefill:
-                self._stats["prompt_tokens"] += n
-            del row.pending[:n]
-            row.position += n
-            if row.pending:
-                continue
-            if self._sample(row, logits[r, -1]):
-                finished.append(row.request)
+        finished = [
+            row.request
+            for r, row in enumerate(self._rows)
+            if row.chunk and self._advance(row, logits[r, -1])
+        ]
         for request in finished:
             self._remove(request)
+
+    def _advance(self, row: _Row, logits_V: np.ndarray) -> bool:
+        """Move ``row`` past the chunk it fed; once its pending tokens are all in the cache,
+        sample its next token from ``logits_V [V]``. Returns whether its request finished."""
+        n = row.chunk
+        if len(row.pending) > 1 or not row.request.token_ids:  # a prompt (or recompute) chunk
+            self._stats["prompt_tokens"] += n
+        del row.pending[:n]
+        row.position += n
+        return not row.pending and self._sample(row, logits_V)
 
     def _run(self, ids, mask, pos, pasts):
         feeds = {"input_ids": ids, "attention_mask": mask}

@@ -213,15 +213,11 @@ class PagedSteps:
             self._stats["mixed_calls"] += 1  # prefill chunks and decodes in one call
         finished = []
         for i, row in enumerate(called):
-            n = row.chunk
-            if len(row.pending) > 1 or not row.request.token_ids:
-                self._stats["prompt_tokens"] += n
-            del row.pending[:n]
-            row.position += n
+            if self._advance(row, logits[i, -1]):
+                finished.append(row.request)
+            # key the blocks filled now (a token just sampled is past row.position: not keyed)
             tokens = row.request.prompt_ids + row.request.token_ids
             self._paged.register(row.paged, tokens, row.position)
-            if not row.pending and self._sample(row, logits[i, -1]):
-                finished.append(row.request)
         return finished
 
 
