@@ -180,19 +180,23 @@ def _causal_window(bias: ir.Value) -> int | None:
     return int(attribute(node, "window", 0))
 
 
+def _made_by(value: ir.Value, op_type: str) -> bool:
+    """Whether ``value`` is the output of a ``graphattn.<op_type>`` call."""
+    node = value.producer()
+    return node is not None and node.domain == DOMAIN and node.op_type == op_type
+
+
 def _document_bias(bias: ir.Value) -> bool:
     """Whether ``bias`` is the block-diagonal mask of packed documents
     (:mod:`graphattn.ops.documents`)."""
-    node = bias.producer()
-    return node is not None and node.domain == DOMAIN and node.op_type == "DocumentAttentionBias"
+    return _made_by(bias, "DocumentAttentionBias")
 
 
 def _paged(block: Block) -> bool:
     """Whether the block's past is a paged pool read through a block table
     (:mod:`graphattn.paged`)."""
     past = block.inputs.get("past_key")
-    node = past.producer() if past is not None else None
-    return node is not None and node.domain == DOMAIN and node.op_type == "PagedKV"
+    return past is not None and _made_by(past, "PagedKV")
 
 
 def _why_not(block: Block, ctx: Context) -> str | None:
