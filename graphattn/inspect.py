@@ -11,6 +11,7 @@ import onnx
 
 from graphattn.compiler.blocks import explain as explain_lowering
 from graphattn.compiler.moe import explain_moe
+from graphattn.paged import KV_BLOCK_SIZE_KEY, KV_LAYOUT_KEY
 from graphattn.runtime.cache_layout import CacheLayoutError, describe_layer, graph_layout
 from graphattn.spec import KV_BUFFER_KEY, MIN_ORT_KEY
 
@@ -50,7 +51,7 @@ def _cache_lines(graph: onnx.GraphProto, where: str, metadata: dict[str, str]) -
     """``cache: N B/token (L layers)`` and, per run of layers caching the same tensors, their
     names, dims (batch, T for time) and bytes per token per row, read from the graph's
     ``past_key_values.{i}.<name>`` inputs; for a paged export, the pool's dims."""
-    if metadata.get("graphattn.kv_layout") == "paged":
+    if metadata.get(KV_LAYOUT_KEY) == "paged":
         return _paged_cache_lines(graph, metadata)
     try:
         layout = graph_layout(graph, where=where)
@@ -86,7 +87,7 @@ def _paged_cache_lines(graph: onnx.GraphProto, metadata: dict[str, str]) -> list
     layers = len({v.name.split(".")[1] for v in pools})
     first = ", ".join(f"{v.name.rsplit('.', 1)[1]} {_dims(v)}" for v in pools if ".0." in v.name)
     return [
-        f"cache: paged pool, {metadata.get('graphattn.kv_block_size', '?')}-token blocks,"
+        f"cache: paged pool, {metadata.get(KV_BLOCK_SIZE_KEY, '?')}-token blocks,"
         f" {total} B/token ({layers} layers)",
         f"  per layer: {first} (read through block_table; presents are the new tokens only)",
     ]
@@ -125,7 +126,7 @@ def describe(out_dir: str | Path, *, explain: bool = False) -> str:
             ("target", "graphattn.target"),
             ("precision", "graphattn.precision"),
             ("kv_buffer", KV_BUFFER_KEY),
-            ("kv_layout", "graphattn.kv_layout"),
+            ("kv_layout", KV_LAYOUT_KEY),
             ("min_onnxruntime", MIN_ORT_KEY),
             ("weights", "graphattn.weights"),
         )
